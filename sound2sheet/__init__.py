@@ -1,0 +1,30 @@
+"""Sound2Sheet: piano transcription for the Hugging Face ecosystem.
+
+Importing the package registers its classes with the transformers Auto* factories, so that `AutoConfig`,
+`AutoModel`, `AutoModelForSpeechSeq2Seq`, `AutoTokenizer`, `AutoFeatureExtractor` and `AutoProcessor` load a saved
+Sound2Sheet folder.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq
+
+from .configuration_sound2sheet import Sound2SheetConfig
+from .modeling_sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetModel, Sound2SheetPreTrainedModel
+from .notes import MidiFileError, Note, pitch_list, read_midi, write_midi
+
+__version__ = "0.1.0"
+
+AutoConfig.register(Sound2SheetConfig.model_type, Sound2SheetConfig, exist_ok=True)
+AutoModel.register(Sound2SheetConfig, Sound2SheetModel, exist_ok=True)
+AutoModelForSpeechSeq2Seq.register(Sound2SheetConfig, Sound2SheetForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "Sound2SheetConfig",
+    "Sound2SheetModel",
+    "Sound2SheetPreTrainedModel",
+    "Sound2SheetForConditionalGeneration",
+    "Note",
+    "MidiFileError",
+    "read_midi",
+    "write_midi",
+    "pitch_list",
+]

@@ -1,0 +1,499 @@
+"""Sound2Sheet: an Audio Spectrogram Transformer encoder and a note-event transformer decoder.
+
+The encoder is transformers' `ASTModel` (Gong et al., "AST: Audio Spectrogram Transformer", 2021) over a log-mel window,
+patched finely in time (see `Sound2SheetConfig`). The decoder emits the note-event tokens of `Sound2SheetTokenizer`, in
+the spirit of MT3 (Gardner et al., "MT3: Multi-Task Multitrack Music Transcription", 2022; Hawthorne et al., "Sequence-to-
+Sequence Piano Transcription with Transformers", 2021): causal self-attention over the tokens so far, cross-attention to
+the encoder tokens. Decoding goes through `GenerationMixin` (greedy, beam search, sampling) with an `EncoderDecoderCache`:
+self-attention keys/values grow by one token per step and cross-attention keys/values are computed once per window.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ASTConfig, ASTModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
+
+from .configuration_sound2sheet import Sound2SheetConfig, encoder_patch_grid
+
+AST_SPECIAL_TOKENS = 2  # the CLS and distillation tokens AST puts before its patch tokens
+
+
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: `labels` shifted one step right, starting with `decoder_start_token_id`.
+
+    Positions the loss ignores (-100) become `pad_token_id`.
+    """
+    shifted = labels.new_full(labels.shape, pad_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+class Sound2SheetAttention(nn.Module):
+    """Multi-head attention of the note decoder: causal self-attention, or cross-attention to the encoder tokens.
+
+    With an `EncoderDecoderCache`, self-attention appends this step's keys/values to the cache, and cross-attention
+    projects the encoder tokens once (first step) and reuses them on every later step.
+    """
+
+    def __init__(self, config: Sound2SheetConfig, layer_idx: int, is_cross_attention: bool = False):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.layer_idx = layer_idx
+        self.is_cross_attention = is_cross_attention
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _cached_or_new_keys_values(self, states: torch.Tensor, past_key_values: Optional[EncoderDecoderCache]):
+        if past_key_values is None:
+            return self._heads(self.k_proj(states)), self._heads(self.v_proj(states))
+        if self.is_cross_attention:
+            cache = past_key_values.cross_attention_cache
+            if past_key_values.is_updated.get(self.layer_idx):
+                layer = cache.layers[self.layer_idx]
+                return layer.keys, layer.values
+            keys, values = cache.update(self._heads(self.k_proj(states)), self._heads(self.v_proj(states)), self.layer_idx)
+            past_key_values.is_updated[self.layer_idx] = True
+            return keys, values
+        return past_key_values.self_attention_cache.update(
+            self._heads(self.k_proj(states)), self._heads(self.v_proj(states)), self.layer_idx
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        past_key_values: Optional[EncoderDecoderCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """`attention_mask`: a boolean mask broadcastable to (batch, heads, queries, keys), True where attention is
+        allowed; `None` with self-attention means plain causal attention over a sequence that starts at position 0."""
+        query = self._heads(self.q_proj(hidden_states))
+        source = encoder_hidden_states if self.is_cross_attention else hidden_states
+        keys, values = self._cached_or_new_keys_values(source, past_key_values)
+        is_causal = not self.is_cross_attention and attention_mask is None and query.shape[2] > 1
+        attended = F.scaled_dot_product_attention(
+            query,
+            keys,
+            values,
+            attn_mask=attention_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        batch, _, length, _ = attended.shape
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+
+
+class Sound2SheetDecoderLayer(nn.Module):
+    """Pre-norm transformer decoder layer: causal self-attention, cross-attention, feed-forward."""
+
+    def __init__(self, config: Sound2SheetConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Sound2SheetAttention(config, layer_idx, is_cross_attention=False)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cross_attn = Sound2SheetAttention(config, layer_idx, is_cross_attention=True)
+        self.cross_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.activation = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states, encoder_hidden_states, past_key_values=None, self_attention_mask=None):
+        hidden_states = hidden_states + self.dropout(
+            self.self_attn(self.self_attn_layer_norm(hidden_states), None, past_key_values, self_attention_mask)
+        )
+        hidden_states = hidden_states + self.dropout(
+            self.cross_attn(self.cross_attn_layer_norm(hidden_states), encoder_hidden_states, past_key_values)
+        )
+        feed_forward = self.fc2(self.dropout(self.activation(self.fc1(self.final_layer_norm(hidden_states)))))
+        return hidden_states + self.dropout(feed_forward)
+
+
+class Sound2SheetPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, loading and saving shared by the Sound2Sheet models."""
+
+    config_class = Sound2SheetConfig
+    config: Sound2SheetConfig
+    base_model_prefix = "model"
+    main_input_name = "input_values"
+    input_modalities = ("audio",)
+    _no_split_modules = ["ASTLayer", "Sound2SheetDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module):
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, save_original_format: bool = False, **kwargs):
+        """Save as `PreTrainedModel.save_pretrained`, but keep the weight names the model uses.
+
+        transformers would otherwise rename the AST encoder's weights to legacy ViT names on save, and a raw
+        `load_state_dict` (what `Trainer` does on resume and load-best-model) would then silently leave the encoder
+        at its initial values. Pass `save_original_format=True` to get the renamed layout anyway.
+        """
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+
+class Sound2SheetEncoder(nn.Module):
+    """The AST encoder over a log-mel window, projected to the decoder width.
+
+    Input: `input_values` of shape (batch, frames, mel bins) as `Sound2SheetFeatureExtractor` makes them; output:
+    (batch, 2 + frequency rows x time columns, hidden_size) tokens, AST's CLS and distillation tokens first.
+    """
+
+    main_input_name = "input_values"
+
+    def __init__(self, config: Sound2SheetConfig):
+        super().__init__()
+        self.ast = ASTModel(config.encoder_config)
+        self.projection = nn.Linear(config.encoder_config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.expected_shape = (config.encoder_config.max_length, config.encoder_config.num_mel_bins)
+
+    def forward(self, input_values: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> BaseModelOutput:
+        """`attention_mask` (frames) is accepted for API compatibility and unused: padded frames hold silence."""
+        if input_values.dim() != 3 or tuple(input_values.shape[1:]) != self.expected_shape:
+            raise ValueError(
+                f"input_values must have shape (batch, {self.expected_shape[0]} frames, {self.expected_shape[1]} mel bins) "
+                f"as the feature extractor makes them; got {tuple(input_values.shape)}."
+            )
+        tokens = self.ast(input_values.to(self.projection.weight.dtype)).last_hidden_state
+        return BaseModelOutput(last_hidden_state=self.layer_norm(self.projection(tokens)))
+
+
+class Sound2SheetNoteDecoder(nn.Module):
+    """Transformer decoder over note-event tokens, with learned positions and an `EncoderDecoderCache`."""
+
+    def __init__(self, config: Sound2SheetConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_target_positions, config.hidden_size)
+        self.layers = nn.ModuleList([Sound2SheetDecoderLayer(config, i) for i in range(config.num_decoder_layers)])
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _self_attention_mask(self, attention_mask, query_length: int, past_length: int, device) -> Optional[torch.Tensor]:
+        """None for the common cases SDPA handles by itself (full causal prefix, or one new token); else a bool mask."""
+        if attention_mask is None and (past_length == 0 or query_length == 1):
+            return None
+        total = past_length + query_length
+        positions = torch.arange(total, device=device)
+        mask = positions[None, :] <= (positions[past_length:, None])  # (queries, keys) causal, offset by the past
+        mask = mask[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, -total:].bool()
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        use_cache: bool = False,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        if use_cache and past_key_values is None:
+            past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
+            raise TypeError(f"Sound2Sheet decodes with an EncoderDecoderCache, got {type(past_key_values).__name__}.")
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        query_length = input_ids.shape[1]
+        if past_length + query_length > self.config.max_target_positions:
+            raise ValueError(
+                f"Decoding position {past_length + query_length} exceeds max_target_positions="
+                f"{self.config.max_target_positions}; lower max_length/max_new_tokens."
+            )
+        positions = torch.arange(past_length, past_length + query_length, device=input_ids.device)
+        hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(positions)[None])
+        mask = self._self_attention_mask(attention_mask, query_length, past_length, input_ids.device)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, encoder_hidden_states, past_key_values, mask)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=self.layer_norm(hidden_states), past_key_values=past_key_values
+        )
+
+
+class Sound2SheetModel(Sound2SheetPreTrainedModel):
+    """The bare encoder-decoder, returning decoder hidden states (no token head)."""
+
+    def __init__(self, config: Sound2SheetConfig):
+        super().__init__(config)
+        self.encoder = Sound2SheetEncoder(config)
+        self.decoder = Sound2SheetNoteDecoder(config)
+        self.post_init()
+        if config.freeze_encoder:
+            self.set_encoder_trainable(False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.decoder.embed_tokens = value
+
+    def get_encoder(self, modality: Optional[str] = None) -> Sound2SheetEncoder:
+        return self.encoder
+
+    def set_encoder_trainable(self, trainable: bool):
+        """Freeze (`False`) or unfreeze (`True`) the AST encoder; its projection to the decoder stays trainable."""
+        for parameter in self.encoder.ast.parameters():
+            parameter.requires_grad_(trainable)
+
+    def forward(
+        self,
+        input_values: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        decoder_input_ids: Optional[torch.LongTensor] = None,
+        decoder_attention_mask: Optional[torch.Tensor] = None,
+        encoder_outputs: Optional[BaseModelOutput | tuple] = None,
+        past_key_values: Optional[Cache] = None,
+        use_cache: Optional[bool] = None,
+        **kwargs,
+    ) -> Seq2SeqModelOutput:
+        if encoder_outputs is None:
+            if input_values is None:
+                raise ValueError("Pass either input_values or encoder_outputs.")
+            encoder_outputs = self.encoder(input_values)
+        elif isinstance(encoder_outputs, (tuple, list)):
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
+        if decoder_input_ids is None:
+            raise ValueError("decoder_input_ids are required (or pass labels to Sound2SheetForConditionalGeneration).")
+        decoder_outputs = self.decoder(
+            decoder_input_ids,
+            encoder_outputs.last_hidden_state,
+            attention_mask=decoder_attention_mask,
+            past_key_values=past_key_values,
+            use_cache=bool(use_cache),
+        )
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            past_key_values=decoder_outputs.past_key_values,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+        )
+
+
+class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, GenerationMixin):
+    """Sound2Sheet with a token head: log-mel window in, note-event tokens out.
+
+    `forward(input_values, labels=...)` trains by teacher forcing (labels are shifted right inside); `generate(input_values)`
+    decodes with any `GenerationMixin` strategy. Example:
+
+    ```python
+    >>> import torch
+    >>> from sound2sheet import Sound2SheetConfig, Sound2SheetForConditionalGeneration
+    >>> model = Sound2SheetForConditionalGeneration(Sound2SheetConfig(num_decoder_layers=1, encoder_config={"num_hidden_layers": 1}))
+    >>> features = torch.randn(1, 256, 128)
+    >>> model.generate(features, max_new_tokens=4).shape[0]
+    1
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
+    def __init__(self, config: Sound2SheetConfig):
+        super().__init__(config)
+        self.model = Sound2SheetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        if self.generation_config is not None and self.generation_config.max_length in (None, 20):
+            # transformers would stop at 20 tokens; one window may need up to max_target_positions
+            self.generation_config.max_length = config.max_target_positions
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear):
+        self.lm_head = value
+
+    def get_encoder(self, modality: Optional[str] = None) -> Sound2SheetEncoder:
+        return self.model.encoder
+
+    def get_decoder(self) -> Sound2SheetNoteDecoder:
+        return self.model.decoder
+
+    def freeze_encoder(self):
+        """Stop training the AST encoder (the projection to the decoder stays trainable)."""
+        self.model.set_encoder_trainable(False)
+
+    def unfreeze_encoder(self):
+        """Train the AST encoder again."""
+        self.model.set_encoder_trainable(True)
+
+    def count_parameters(self) -> dict[str, int]:
+        """{"total", "trainable", "frozen"} parameter counts (shared weights counted once)."""
+        total = trainable = 0
+        for parameter in self.parameters():
+            total += parameter.numel()
+            trainable += parameter.numel() if parameter.requires_grad else 0
+        return {"total": total, "trainable": trainable, "frozen": total - trainable}
+
+    def forward(
+        self,
+        input_values: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        decoder_input_ids: Optional[torch.LongTensor] = None,
+        decoder_attention_mask: Optional[torch.Tensor] = None,
+        encoder_outputs: Optional[BaseModelOutput | tuple] = None,
+        past_key_values: Optional[Cache] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        **kwargs,
+    ) -> Seq2SeqLMOutput:
+        r"""
+        input_values (`torch.FloatTensor` of shape `(batch, frames, mel_bins)`): log-mel windows.
+        labels (`torch.LongTensor` of shape `(batch, target_length)`, *optional*): note-event token ids ending in EOS,
+            -100 where the loss should ignore them (padding). Shifted right inside to make `decoder_input_ids`.
+        """
+        if labels is not None and decoder_input_ids is None:
+            decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+        outputs = self.model(
+            input_values=input_values,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+        )
+
+    @classmethod
+    def from_encoder_pretrained(
+        cls, config: Optional[Sound2SheetConfig] = None, encoder_source: Optional[str | os.PathLike] = None, **kwargs
+    ) -> "Sound2SheetForConditionalGeneration":
+        """A new model whose AST encoder starts from a pretrained `ASTModel` (decoder randomly initialised).
+
+        The encoder takes the checkpoint's size (width, depth, heads) and keeps `config`'s input and patching
+        (mel bins, frames, strides); the position embeddings are interpolated from the checkpoint's patch grid to
+        the new one. `encoder_source` defaults to `config.encoder_pretrained` (the AudioSet AST); a Hub id resolves
+        through the Hugging Face cache, so it also works offline once cached. `kwargs` go to `ASTModel.from_pretrained`.
+
+        Raises:
+            OSError: the source cannot be found or reached.
+            ValueError: the checkpoint's patch size differs from the configuration's.
+        """
+        config = Sound2SheetConfig() if config is None else config
+        source = os.fspath(encoder_source or config.encoder_pretrained or "")
+        if not source:
+            raise ValueError("No encoder source: pass encoder_source or set config.encoder_pretrained.")
+        try:
+            pretrained = ASTModel.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:
+            raise OSError(
+                f"Cannot load pretrained AST encoder weights from '{source}': {str(err).splitlines()[0]} "
+                "Pass a local folder written by ASTModel.save_pretrained, or a Hub id that is reachable or already in "
+                "the Hugging Face cache."
+            ) from err
+        config = _config_with_pretrained_encoder_size(config, pretrained.config, source)
+        model = cls(config)
+        state = pretrained.state_dict()
+        key = "embeddings.position_embeddings"
+        state[key] = interpolate_position_embeddings(
+            state[key], encoder_patch_grid(pretrained.config), encoder_patch_grid(config.encoder_config)
+        )
+        missing, unexpected = model.model.encoder.ast.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"AST checkpoint '{source}' does not fit the encoder: missing {missing}, unexpected {unexpected}.")
+        if config.freeze_encoder:
+            model.freeze_encoder()
+        return model
+
+
+def _config_with_pretrained_encoder_size(config: Sound2SheetConfig, source: ASTConfig, name: str) -> Sound2SheetConfig:
+    ours = config.encoder_config
+    if source.patch_size != ours.patch_size:
+        raise ValueError(
+            f"AST checkpoint '{name}' uses {source.patch_size}x{source.patch_size} patches but the configuration asks for "
+            f"{ours.patch_size}x{ours.patch_size}; set encoder_config.patch_size={source.patch_size}."
+        )
+    encoder = source.to_dict()
+    for field in ("frequency_stride", "time_stride", "max_length", "num_mel_bins", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        encoder[field] = getattr(ours, field)
+    for field in ("model_type", "transformers_version", "architectures", "id2label", "label2id"):
+        encoder.pop(field, None)
+    values = config.to_dict()
+    for field in ("model_type", "transformers_version", "architectures"):
+        values.pop(field, None)
+    values["encoder_config"] = encoder
+    values["encoder_pretrained"] = name
+    return Sound2SheetConfig(**values)
+
+
+def interpolate_position_embeddings(
+    embeddings: torch.Tensor, source_grid: tuple[int, int], target_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resize AST position embeddings (1, 2 + rows x columns, hidden) from one patch grid to another.
+
+    The CLS and distillation embeddings are kept; the patch embeddings are resized bilinearly over the
+    (frequency rows, time columns) grid, the layout AST flattens its patches in.
+    """
+    if tuple(source_grid) == tuple(target_grid):
+        return embeddings.clone()
+    special, patches = embeddings[:, :AST_SPECIAL_TOKENS], embeddings[:, AST_SPECIAL_TOKENS:]
+    rows, cols = source_grid
+    if patches.shape[1] != rows * cols:
+        raise ValueError(f"Position embeddings hold {patches.shape[1]} patches, not the {rows}x{cols} grid expected.")
+    hidden = patches.shape[-1]
+    grid = patches.reshape(1, rows, cols, hidden).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid.float(), size=tuple(target_grid), mode="bilinear", align_corners=False)
+    resized = resized.to(embeddings.dtype).permute(0, 2, 3, 1).reshape(1, target_grid[0] * target_grid[1], hidden)
+    return torch.cat([special, resized], dim=1)
+
+
+__all__ = [
+    "Sound2SheetPreTrainedModel",
+    "Sound2SheetModel",
+    "Sound2SheetForConditionalGeneration",
+    "Sound2SheetEncoder",
+    "Sound2SheetNoteDecoder",
+    "interpolate_position_embeddings",
+    "shift_tokens_right",
+]
