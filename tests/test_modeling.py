@@ -1,0 +1,454 @@
+"""Sound2SheetConfig and Sound2SheetForConditionalGeneration: decoding, caching, saving, loading, encoder import."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import ASTConfig, ASTModel, AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq
+
+from sound2sheet import Sound2SheetConfig, Sound2SheetForConditionalGeneration, Sound2SheetModel
+from sound2sheet.modeling_sound2sheet import interpolate_position_embeddings, shift_tokens_right
+
+from .model_tester import TINY_FRAMES, TINY_MELS, Sound2SheetModelTester
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tester():
+    return Sound2SheetModelTester()
+
+
+@pytest.fixture(scope="module")
+def model(tester):
+    return tester.get_model()
+
+
+def assert_same_tensors(first: dict, second: dict):
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+# --- configuration -----------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_nested_encoder():
+    config = Sound2SheetConfig()
+    assert config.model_type == "sound2sheet"
+    assert isinstance(config.encoder_config, ASTConfig)
+    assert (config.encoder_config.hidden_size, config.encoder_config.time_stride) == (256, 2)
+    assert config.encoder_grid == (8, 121)
+    assert config.encoder_seconds_per_column == pytest.approx(0.02)
+    assert config.encoder_pretrained == "MIT/ast-finetuned-audioset-10-10-0.4593"
+    assert (config.pad_token_id, config.eos_token_id, config.bos_token_id, config.decoder_start_token_id) == (0, 1, 2, 2)
+    assert config.is_encoder_decoder is True
+    assert config.num_hidden_layers == config.num_decoder_layers
+
+
+def test_config_partial_encoder_dict_keeps_compact_defaults():
+    config = Sound2SheetConfig(encoder_config={"num_hidden_layers": 1, "time_stride": 4})
+    assert config.encoder_config.hidden_size == 256
+    assert config.encoder_config.num_hidden_layers == 1
+    assert config.encoder_grid == (8, 61)
+
+
+def test_config_round_trip(tmp_path):
+    config = Sound2SheetConfig(num_decoder_layers=3, encoder_config={"time_stride": 1})
+    config.save_pretrained(tmp_path)
+    loaded = Sound2SheetConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.encoder_config.time_stride == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hidden_size": 30, "num_attention_heads": 4}, "hidden_size (30) must be divisible by num_attention_heads (4)"),
+        ({"vocab_size": 10, "eos_token_id": 12}, "eos_token_id=12 is outside the vocabulary (vocab_size=10)"),
+        ({"num_decoder_layers": 0}, "num_decoder_layers must be a positive integer, got 0"),
+    ],
+)
+def test_config_rejects_inconsistent_sizes(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        Sound2SheetConfig(**kwargs)
+    assert message in str(error.value)
+
+
+# --- forward -----------------------------------------------------------------------------------------------------
+
+
+def test_shift_tokens_right():
+    labels = torch.tensor([[5, 6, 1], [7, -100, -100]])
+    assert shift_tokens_right(labels, 0, 2).tolist() == [[2, 5, 6], [2, 7, 0]]
+
+
+def test_forward_loss_ignores_padding(tester, model):
+    inputs, labels = tester.get_inputs(), tester.get_labels()
+    output = model(inputs, labels=labels)
+    assert output.logits.shape == (2, labels.shape[1], tester.vocab_size)
+    decoder_input_ids = shift_tokens_right(labels, 0, 2)
+    logits = model(inputs, decoder_input_ids=decoder_input_ids).logits
+    mask = labels != -100
+    expected = torch.nn.functional.cross_entropy(logits[mask], labels[mask])
+    assert torch.allclose(output.loss, expected, atol=1e-6)
+    # what the padded positions hold must not matter
+    changed = labels.clone()
+    changed[changed == -100] = -100
+    assert torch.equal(model(inputs, labels=changed).loss, output.loss)
+
+
+def test_forward_rejects_wrong_feature_shape(model):
+    with pytest.raises(ValueError, match=r"input_values must have shape \(batch, 64 frames, 32 mel bins\).*got \(1, 50, 32\)"):
+        model(torch.zeros(1, 50, 32), decoder_input_ids=torch.tensor([[2]]))
+
+
+def test_loss_falls_when_training_on_one_batch(tester):
+    model = tester.get_model().train()
+    inputs, labels = tester.get_inputs(), tester.get_labels()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+# --- generation --------------------------------------------------------------------------------------------------
+
+
+def test_cached_and_uncached_greedy_give_identical_tokens(tester, model):
+    inputs = tester.get_inputs()
+    cached = model.generate(inputs, max_new_tokens=40, use_cache=True)
+    uncached = model.generate(inputs, max_new_tokens=40, use_cache=False)
+    assert cached.shape[1] > 10
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_and_uncached_beam_search_give_identical_tokens(tester, model):
+    inputs = tester.get_inputs()
+    kwargs = dict(max_new_tokens=30, num_beams=3, num_return_sequences=2, length_penalty=0.8)
+    cached = model.generate(inputs, use_cache=True, **kwargs)
+    uncached = model.generate(inputs, use_cache=False, **kwargs)
+    assert cached.shape[0] == 4
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_step_logits_equal_uncached_logits(tester, model):
+    """The cache path itself: feeding one token at a time gives the logits of the full teacher-forced pass."""
+    inputs = tester.get_inputs()
+    tokens = torch.tensor([[2, 10, 300, 45, 7, 99]] * inputs.shape[0])
+    full = model(inputs, decoder_input_ids=tokens).logits
+    encoder_outputs = model.get_encoder()(inputs)
+    past, steps = None, []
+    for i in range(tokens.shape[1]):
+        out = model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, i : i + 1], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        steps.append(out.logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    # a multi-token step after a cached prefix (offset causal mask)
+    prefix = model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, :2], use_cache=True)
+    rest = model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, 2:], past_key_values=prefix.past_key_values, use_cache=True)
+    assert torch.allclose(rest.logits, full[:, 2:], atol=1e-5)
+
+
+def test_cross_attention_keys_are_computed_once_per_window(tester, model, monkeypatch):
+    inputs = tester.get_inputs(batch_size=1)
+    calls = []
+    k_proj = model.model.decoder.layers[0].cross_attn.k_proj
+    original = k_proj.forward
+    monkeypatch.setattr(k_proj, "forward", lambda x: calls.append(x.shape) or original(x))
+    generated = model.generate(inputs, max_new_tokens=12, min_new_tokens=12, use_cache=True)
+    assert generated.shape[1] == 13
+    assert len(calls) == 1
+
+
+def test_teacher_forced_argmax_equals_greedy(tester, model):
+    inputs = tester.get_inputs()
+    greedy = model.generate(inputs, max_new_tokens=25)
+    logits = model(inputs, decoder_input_ids=greedy[:, :-1]).logits
+    predicted = logits.argmax(-1)
+    for row in range(greedy.shape[0]):
+        generated = greedy[row, 1:]
+        eos_positions = (generated == model.config.eos_token_id).nonzero()
+        length = int(eos_positions[0]) + 1 if len(eos_positions) else generated.shape[0]
+        assert torch.equal(predicted[row, :length], generated[:length])
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        dict(),
+        dict(num_beams=4, length_penalty=1.5),
+        dict(num_beams=4, num_return_sequences=3),
+        dict(do_sample=True, temperature=0.7),
+        dict(do_sample=True, top_k=5),
+        dict(do_sample=True, top_p=0.8, num_return_sequences=2),
+    ],
+    ids=["greedy", "beam", "beam-return-3", "sample-temperature", "sample-top-k", "sample-top-p"],
+)
+def test_every_strategy_respects_max_new_tokens(tester, model, strategy):
+    torch.manual_seed(0)
+    inputs = tester.get_inputs()
+    out = model.generate(inputs, max_new_tokens=7, **strategy)
+    assert out.shape == (inputs.shape[0] * strategy.get("num_return_sequences", 1), 8)
+    assert (out[:, 0] == model.config.decoder_start_token_id).all()
+
+
+@pytest.fixture(scope="module")
+def memorizing_model(tester):
+    """A tiny model trained to answer every input with the tokens 5 6 7 EOS."""
+    model = tester.get_model().train()
+    inputs = tester.get_inputs()
+    labels = torch.tensor([[5, 6, 7, 1]] * inputs.shape[0])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        model(inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [dict(), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_k=1)],
+    ids=["greedy", "beam", "beam-return-2", "sample"],
+)
+def test_every_strategy_stops_at_eos(tester, memorizing_model, strategy):
+    inputs = tester.get_inputs()
+    out = memorizing_model.generate(inputs, max_new_tokens=30, **strategy)
+    rows = out.tolist()
+    assert rows[0][: rows[0].index(1) + 1] == [2, 5, 6, 7, 1]
+    assert out.shape[1] < 10  # stopped at EOS, well before max_new_tokens
+    for row in rows:
+        assert 1 in row
+        assert all(token in (0, 1) for token in row[row.index(1) + 1 :])  # only padding after EOS
+
+
+def test_generation_defaults_come_from_generation_config(model, tmp_path):
+    assert model.generation_config.max_length == model.config.max_target_positions
+    assert model.generation_config.decoder_start_token_id == 2
+    model.generation_config.num_beams = 3
+    model.save_pretrained(tmp_path)
+    try:
+        saved = json.loads((tmp_path / "generation_config.json").read_text())
+        assert saved["num_beams"] == 3
+        assert Sound2SheetForConditionalGeneration.from_pretrained(tmp_path).generation_config.num_beams == 3
+    finally:
+        model.generation_config.num_beams = 1
+
+
+def test_decoding_past_max_target_positions_is_a_clear_error(tester, model):
+    with pytest.raises(ValueError, match="exceeds max_target_positions=64"):
+        model(tester.get_inputs(), decoder_input_ids=torch.full((2, 65), 5))
+
+
+# --- parameters --------------------------------------------------------------------------------------------------
+
+
+def test_freeze_and_unfreeze_change_parameter_counts(tester):
+    model = tester.get_model()
+    counts = model.count_parameters()
+    ast_params = sum(p.numel() for p in model.model.encoder.ast.parameters())
+    assert counts == {"total": counts["total"], "trainable": counts["total"], "frozen": 0}
+    model.freeze_encoder()
+    assert model.count_parameters() == {"total": counts["total"], "trainable": counts["total"] - ast_params, "frozen": ast_params}
+    model.unfreeze_encoder()
+    assert model.count_parameters() == counts
+    frozen_at_start = tester.get_model(freeze_encoder=True)
+    assert frozen_at_start.count_parameters()["frozen"] == ast_params
+
+
+def test_lm_head_is_tied_and_counted_once(model):
+    assert model.lm_head.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()
+    names = {name for name, _ in model.named_parameters()}
+    assert "lm_head.weight" not in names
+    assert model.count_parameters()["total"] == sum(p.numel() for p in model.parameters())
+
+
+# --- saving and loading ------------------------------------------------------------------------------------------
+
+
+def test_save_and_load_restore_every_tensor(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = Sound2SheetForConditionalGeneration.from_pretrained(tmp_path)
+    assert_same_tensors(model.state_dict(), loaded.state_dict())
+
+
+def test_trainer_style_state_dict_load_restores_every_tensor(tester, model, tmp_path):
+    """Trainer resume/load-best does a raw load_state_dict of the saved file: the AST weights must keep their names."""
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert any(name.startswith("model.encoder.ast.layers.") for name in saved)
+    fresh = Sound2SheetForConditionalGeneration(model.config)
+    result = fresh.load_state_dict(saved, strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys == ["lm_head.weight"]  # tied to the token embedding, stored once
+    assert_same_tensors(model.state_dict(), fresh.state_dict())
+
+
+def test_auto_classes_load_a_saved_folder(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), Sound2SheetConfig)
+    seq2seq = AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path)
+    assert isinstance(seq2seq, Sound2SheetForConditionalGeneration)
+    assert_same_tensors(model.state_dict(), seq2seq.state_dict())
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, Sound2SheetModel)
+    assert_same_tensors(model.model.state_dict(), base.state_dict())
+
+
+def fill_hub_cache(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """Lay out `folder` in a Hugging Face cache the way huggingface_hub writes a downloaded snapshot."""
+    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    blobs = repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for index, file in enumerate(sorted(folder.iterdir())):
+        blob = blobs / f"{index:040x}"
+        blob.write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def run_python(code: str, env_extra: dict, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.slow
+def test_hub_id_loads_from_an_offline_cache(model, tmp_path):
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    cache = tmp_path / "hub"
+    fill_hub_cache(cache, "sound2sheet-test/tiny-piano", folder)
+    expected = float(sum(t.double().sum() for t in model.state_dict().values()))
+    result = run_python(
+        f"""
+        import sound2sheet
+        from transformers import AutoModelForSpeechSeq2Seq
+        model = AutoModelForSpeechSeq2Seq.from_pretrained("sound2sheet-test/tiny-piano")
+        print(type(model).__name__, repr(float(sum(t.double().sum() for t in model.state_dict().values()))))
+        try:
+            AutoModelForSpeechSeq2Seq.from_pretrained("sound2sheet-test/not-cached")
+        except OSError as err:
+            print("missing:", type(err).__name__)
+        """,
+        {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)},
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == f"Sound2SheetForConditionalGeneration {expected!r}"
+    assert lines[1] == "missing: OSError"
+
+
+@pytest.mark.slow
+def test_remote_code_folder_loads_without_the_package(tester, tmp_path):
+    model = tester.get_model()
+    model.config.register_for_auto_class()
+    model.register_for_auto_class("AutoModelForSpeechSeq2Seq")
+    folder = tmp_path / "remote"
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSpeechSeq2Seq"] == "modeling_sound2sheet.Sound2SheetForConditionalGeneration"
+    assert (folder / "modeling_sound2sheet.py").exists() and (folder / "configuration_sound2sheet.py").exists()
+    expected = model.generate(tester.get_inputs(), max_new_tokens=10).tolist()
+    torch.save(tester.get_inputs(), tmp_path / "inputs.pt")
+    result = run_python(
+        f"""
+        import importlib.abc, sys, torch
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "sound2sheet" or name.startswith("sound2sheet."):
+                    raise ImportError("sound2sheet is not installed here")
+        sys.meta_path.insert(0, Block())
+        from transformers import AutoModelForSpeechSeq2Seq
+        model = AutoModelForSpeechSeq2Seq.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert "sound2sheet" not in sys.modules
+        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+        print(model.generate(inputs, max_new_tokens=10).tolist())
+        """,
+        {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"},
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(expected)
+
+
+# --- pretrained encoder ------------------------------------------------------------------------------------------
+
+
+def test_position_embedding_interpolation_keeps_special_tokens_and_smooth_grids():
+    rows, cols, hidden = 3, 5, 4
+    grid = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols)
+    patches = grid.reshape(1, rows * cols, 1).expand(1, rows * cols, hidden)
+    special = torch.randn(1, 2, hidden)
+    embeddings = torch.cat([special, patches], dim=1)
+    resized = interpolate_position_embeddings(embeddings, (rows, cols), (6, 10))
+    assert resized.shape == (1, 2 + 60, hidden)
+    assert torch.equal(resized[:, :2], special)
+    values = resized[0, 2:, 0].reshape(6, 10)
+    assert values.min() >= grid.min() and values.max() <= grid.max()
+    assert (values.diff(dim=1) >= 0).all() and (values.diff(dim=0) >= 0).all()  # a ramp stays a ramp
+    assert torch.equal(interpolate_position_embeddings(embeddings, (rows, cols), (rows, cols)), embeddings)
+
+
+def test_encoder_weights_import_from_a_local_ast_with_other_patching(tester, tmp_path):
+    source_config = ASTConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        patch_size=16, frequency_stride=10, time_stride=10, max_length=128, num_mel_bins=TINY_MELS,
+    )
+    torch.manual_seed(3)
+    source = ASTModel(source_config)
+    with torch.no_grad():
+        source.embeddings.position_embeddings.normal_()
+    source.save_pretrained(tmp_path / "ast")
+    config = tester.get_config()
+    model = Sound2SheetForConditionalGeneration.from_encoder_pretrained(config, encoder_source=tmp_path / "ast")
+    encoder = model.model.encoder.ast
+    assert model.config.encoder_config.hidden_size == 48  # the checkpoint's size...
+    assert (model.config.encoder_config.time_stride, model.config.encoder_config.max_length) == (2, TINY_FRAMES)  # ...our patching
+    assert model.config.encoder_pretrained == str(tmp_path / "ast")
+    source_state, imported = source.state_dict(), encoder.state_dict()
+    for name, tensor in source_state.items():
+        if name != "embeddings.position_embeddings":
+            assert torch.equal(imported[name], tensor), name
+    assert source_config.num_mel_bins == TINY_MELS
+    assert source_state["embeddings.position_embeddings"].shape == (1, 2 + 2 * 12, 48)
+    assert imported["embeddings.position_embeddings"].shape == (1, 2 + 2 * 25, 48)
+    expected = interpolate_position_embeddings(source_state["embeddings.position_embeddings"], (2, 12), (2, 25))
+    assert torch.equal(imported["embeddings.position_embeddings"], expected)
+    out = model.generate(tester.get_inputs(), max_new_tokens=3)
+    assert out.shape == (2, 4)
+
+
+def test_encoder_import_rejects_other_patch_size(tester, tmp_path):
+    ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, patch_size=8,
+                       max_length=64, num_mel_bins=TINY_MELS)).save_pretrained(tmp_path / "ast8")
+    with pytest.raises(ValueError, match="uses 8x8 patches but the configuration asks for 16x16"):
+        Sound2SheetForConditionalGeneration.from_encoder_pretrained(tester.get_config(), encoder_source=tmp_path / "ast8")
+
+
+def test_missing_encoder_source_is_a_clear_error(tester, tmp_path, monkeypatch):
+    missing = tmp_path / "no-such-ast"
+    with pytest.raises(OSError, match=f"Cannot load pretrained AST encoder weights from '{missing}'"):
+        Sound2SheetForConditionalGeneration.from_encoder_pretrained(tester.get_config(), encoder_source=missing)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="Cannot load pretrained AST encoder weights from 'MIT/ast-finetuned-audioset-10-10-0.4593'"):
+        Sound2SheetForConditionalGeneration.from_encoder_pretrained(tester.get_config(), cache_dir=str(tmp_path / "empty-cache"))
