@@ -329,9 +329,11 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         self.model = Sound2SheetModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        if self.generation_config is not None and self.generation_config.max_length in (None, 20):
-            # transformers would stop at 20 tokens; one window may need up to max_target_positions
-            self.generation_config.max_length = config.max_target_positions
+        generation = self.generation_config
+        if generation is not None and generation.max_length in (None, 20) and generation.max_new_tokens is None:
+            # transformers would stop after 20 tokens; a window may fill every decoder position after the start token.
+            # (max_new_tokens rather than max_length, so that callers passing max_new_tokens get no conflict warning)
+            generation.max_new_tokens = config.max_target_positions - 1
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()

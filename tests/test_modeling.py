@@ -237,7 +237,7 @@ def test_every_strategy_stops_at_eos(tester, memorizing_model, strategy):
 
 
 def test_generation_defaults_come_from_generation_config(model, tmp_path):
-    assert model.generation_config.max_length == model.config.max_target_positions
+    assert model.generation_config.max_new_tokens == model.config.max_target_positions - 1
     assert model.generation_config.decoder_start_token_id == 2
     model.generation_config.num_beams = 3
     model.save_pretrained(tmp_path)

@@ -1,0 +1,139 @@
+"""The `automatic-speech-recognition` pipeline, taught to transcribe piano with a Sound2Sheet model.
+
+transformers' own ASR pipeline cannot serve Sound2Sheet as it is: it only treats models whose class it lists itself
+as sequence-to-sequence (registering with `AutoModelForSpeechSeq2Seq` is not enough, it falls back to CTC), it reads
+files with ffmpeg and resamples with torchaudio, and its `chunk_length_s` concatenates chunk outputs instead of
+stitching held notes. `Sound2SheetPipeline` subclasses it: for a Sound2Sheet model it loads audio with the project's
+own reader (soundfile + soxr), cuts it into the model's windows, decodes each window with `generate()` (windows of all
+inputs batched with `batch_size`) and stitches the notes; for any other model it is the stock pipeline, unchanged.
+
+Importing `sound2sheet` registers it for the `automatic-speech-recognition` task, so that
+
+    pipeline("automatic-speech-recognition", model="path/to/sound2sheet-folder")
+
+works; `pipeline(..., pipeline_class=Sound2SheetPipeline)` selects it explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.pipelines import PIPELINE_REGISTRY, AutomaticSpeechRecognitionPipeline
+
+from .feature_extraction_sound2sheet import load_audio
+from .modeling_sound2sheet import Sound2SheetForConditionalGeneration
+from .notes import sort_notes
+
+ASR_TASK = "automatic-speech-recognition"
+
+
+class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
+    """Automatic-speech-recognition pipeline that transcribes piano audio with a Sound2Sheet model.
+
+    Inputs (one, or a list): a file path (WAV/FLAC/OGG, any rate and channel count), a 1-D numpy array at the
+    feature extractor's rate, or a dict `{"raw": array, "sampling_rate": int}` (`"array"` also accepted) at any rate.
+    Each result is `{"text": readable event tokens, "notes": [Note, ...]}` with note times in seconds from the start of
+    the input. Generation options (`num_beams`, `do_sample`, `max_new_tokens`, ... or `generate_kwargs={...}`) are
+    passed to `model.generate()`; `batch_size` batches windows.
+    """
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        if self.is_sound2sheet:
+            self.type = "sound2sheet"
+            # The stock defaults (5 beams, 256 new tokens) are Whisper's; Sound2Sheet decodes with its generation_config.
+            self._generation_defaults = {"pad_token_id": self.tokenizer.pad_token_id}
+
+    @property
+    def is_sound2sheet(self) -> bool:
+        return isinstance(self.model, Sound2SheetForConditionalGeneration)
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.feature_extractor.window_seconds * self.feature_extractor.sampling_rate))
+
+    def _sanitize_parameters(self, chunk_length_s=None, stride_length_s=None, **kwargs):
+        if not self.is_sound2sheet:
+            return super()._sanitize_parameters(chunk_length_s=chunk_length_s, stride_length_s=stride_length_s, **kwargs)
+        if chunk_length_s is not None or stride_length_s is not None:
+            raise ValueError(
+                "Sound2Sheet cuts audio into its model's windows and stitches held notes itself: "
+                "do not pass chunk_length_s or stride_length_s."
+            )
+        for option in ("return_timestamps", "return_language", "decoder_kwargs"):
+            if kwargs.pop(option, None):
+                raise ValueError(f"{option} is not supported by Sound2Sheet: notes already carry their times.")
+        kwargs.pop("ignore_warning", None)
+        forward_params = dict(kwargs.pop("generate_kwargs", None) or {})
+        forward_params.update(kwargs)
+        return {}, forward_params, {}
+
+    def _load(self, inputs) -> np.ndarray:
+        rate = self.feature_extractor.sampling_rate
+        if isinstance(inputs, (str, os.PathLike)):
+            return load_audio(inputs, sampling_rate=rate)
+        if isinstance(inputs, dict):
+            array = inputs.get("raw", inputs.get("array"))
+            if array is None or "sampling_rate" not in inputs:
+                raise ValueError('A dict input needs "raw" (or "array") audio samples and their "sampling_rate".')
+            return load_audio(np.asarray(array), sampling_rate=rate, orig_sampling_rate=int(inputs["sampling_rate"]))
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.cpu().numpy()
+        if isinstance(inputs, np.ndarray):
+            return load_audio(inputs, sampling_rate=rate, orig_sampling_rate=rate)
+        raise TypeError(f"Expected a file path, a numpy array or a {{'raw', 'sampling_rate'}} dict, got {type(inputs).__name__}.")
+
+    def preprocess(self, inputs, **kwargs):
+        if not self.is_sound2sheet:
+            yield from super().preprocess(inputs, **kwargs)
+            return
+        samples = self._load(inputs)
+        size = self.window_samples
+        starts = list(range(0, max(len(samples), 1), size))
+        for index, start in enumerate(starts):
+            window = samples[start : start + size]
+            if len(window) < size:
+                window = np.pad(window, (0, size - len(window)))
+            features = self.feature_extractor(window, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt")
+            yield {
+                "is_last": index == len(starts) - 1,
+                "input_values": features["input_values"],
+                "window_start": torch.tensor([start / self.feature_extractor.sampling_rate], dtype=torch.float64),
+            }
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        if not self.is_sound2sheet:
+            return super()._forward(model_inputs, **generate_kwargs)
+        input_values = model_inputs["input_values"].to(self.model.device)
+        tokens = self.model.generate(
+            input_values=input_values, num_return_sequences=1, **self._prepare_generate_kwargs(generate_kwargs)
+        )
+        return {"is_last": model_inputs["is_last"], "tokens": tokens, "window_start": model_inputs["window_start"]}
+
+    def postprocess(self, model_outputs, **kwargs) -> dict[str, Any]:
+        if not self.is_sound2sheet:
+            return super().postprocess(model_outputs, **kwargs)
+        windows, starts = [], []
+        for output in model_outputs:
+            tokens = output["tokens"].reshape(-1).tolist()
+            windows.append(tokens[1:])  # drop the decoder start token
+            starts.append(float(output["window_start"].reshape(-1)[0]))
+        notes = self.tokenizer.decode_windows(windows, starts, window_length=self.feature_extractor.window_seconds)
+        text = " | ".join(self.tokenizer.decode(window, skip_special_tokens=True) for window in windows)
+        return {"text": text, "notes": sort_notes(notes)}
+
+
+def register_pipeline():
+    """Make the `automatic-speech-recognition` task build a `Sound2SheetPipeline` (stock behaviour for other models).
+
+    Only the task's implementation class changes: its model classes and default checkpoint stay transformers' own.
+    """
+    entry = dict(PIPELINE_REGISTRY.supported_tasks[ASR_TASK])
+    entry["impl"] = Sound2SheetPipeline
+    PIPELINE_REGISTRY.supported_tasks[ASR_TASK] = entry
+
+
+__all__ = ["Sound2SheetPipeline", "register_pipeline"]

@@ -1,0 +1,181 @@
+"""Pieces of the training loop that the Hugging Face `Trainer` does not have: the seed's training history file,
+note-level validation metrics for `compute_metrics`, and the model card written at the end of training."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from transformers import TrainerCallback
+
+HISTORY_FILENAME = "training_history.json"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "TEMPLATE.md"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomically(payload, path: str | os.PathLike):
+    """Write JSON to `path` whole or not at all (a crash mid-write leaves the previous file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+class TrainingHistoryCallback(TrainerCallback):
+    """Keeps `training_history.json` in the output folder, in the seed trainer's format.
+
+    The file holds `start_time`, `end_time`, `total_epochs`, `best_epoch`, `best_val_loss`, `best_metric` (the value of
+    `metric_for_best_model` at the best evaluation) and `epochs`: one entry per evaluation with `epoch`, `step`,
+    `train_loss` (mean of the training losses logged since the previous entry), `val_loss`, `val_token_accuracy`,
+    `note_f1` (onset F1), `learning_rate` and `timestamp`. A resumed run appends to the file it finds.
+    """
+
+    def __init__(self, filename: str = HISTORY_FILENAME):
+        self.filename = filename
+        self.history: dict = {}
+        self._train_losses: list = []
+        self._learning_rate: Optional[float] = None
+
+    def _path(self, args) -> Path:
+        return Path(args.output_dir) / self.filename
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        path = self._path(args)
+        if state.global_step > 0 and path.exists():  # resuming: keep what the earlier run recorded
+            self.history = json.loads(path.read_text())
+            self.history["epochs"] = [e for e in self.history.get("epochs", []) if e["step"] <= state.global_step]
+        else:
+            self.history = {"start_time": _now(), "end_time": None, "total_epochs": 0, "best_epoch": None,
+                            "best_val_loss": None, "best_metric": None, "epochs": []}
+        self._train_losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self._train_losses.append(float(logs["loss"]))
+        if "learning_rate" in logs:
+            self._learning_rate = float(logs["learning_rate"])
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not self.history:  # evaluate() called outside train()
+            return
+        metrics = metrics or {}
+        entry = {
+            "epoch": round(float(state.epoch or 0.0), 4),
+            "step": int(state.global_step),
+            "train_loss": float(np.mean(self._train_losses)) if self._train_losses else None,
+            "val_loss": metrics.get("eval_loss"),
+            "val_token_accuracy": metrics.get("eval_token_accuracy"),
+            "note_f1": metrics.get("eval_onset_f1"),
+            "learning_rate": self._learning_rate,
+            "timestamp": _now(),
+        }
+        self._train_losses = []
+        self.history["epochs"].append(entry)
+        self._update_best(args, metrics, entry)
+        if state.is_world_process_zero:
+            write_json_atomically(self.history, self._path(args))
+
+    def _update_best(self, args, metrics: dict, entry: dict):
+        name = args.metric_for_best_model or "loss"
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        value = metrics.get(key)
+        if value is None:
+            return
+        best = self.history.get("best_metric")
+        greater = args.greater_is_better if args.greater_is_better is not None else not name.endswith("loss")
+        if best is None or (value > best if greater else value < best):
+            self.history.update(best_metric=value, best_epoch=entry["epoch"], best_val_loss=entry["val_loss"])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not self.history:
+            return
+        self.history["end_time"] = _now()
+        self.history["total_epochs"] = round(float(state.epoch or 0.0), 4)
+        if state.is_world_process_zero:
+            write_json_atomically(self.history, self._path(args))
+
+
+def token_accuracy(predictions: np.ndarray, labels: np.ndarray, decoder_start_token_id: int) -> float:
+    """Share of label tokens (ignoring -100) that the generated sequence has at the same position."""
+    predictions = np.asarray(predictions)
+    if predictions.shape[1] and (predictions[:, 0] == decoder_start_token_id).all():
+        predictions = predictions[:, 1:]
+    width = labels.shape[1]
+    if predictions.shape[1] < width:
+        predictions = np.pad(predictions, ((0, 0), (0, width - predictions.shape[1])), constant_values=-1)
+    mask = labels != -100
+    if not mask.any():
+        return 1.0
+    return float((predictions[:, :width] == labels)[mask].mean())
+
+
+def build_compute_metrics(tokenizer, decoder_start_token_id: int) -> Callable:
+    """`compute_metrics` for `Seq2SeqTrainer(predict_with_generate=True)`: token accuracy and note-level metrics
+    (mir_eval, per window, averaged over windows) of the generated tokens against the labels."""
+    from .metrics import note_metrics
+
+    def compute_metrics(eval_prediction) -> dict:
+        predictions = eval_prediction.predictions
+        predictions = predictions[0] if isinstance(predictions, tuple) else predictions
+        labels = eval_prediction.label_ids
+        result = {"token_accuracy": token_accuracy(predictions, labels, decoder_start_token_id)}
+        scores: dict = {}
+        for predicted, label in zip(predictions, labels):
+            reference = tokenizer.decode_notes([int(t) for t in label if t != -100])
+            estimate = tokenizer.decode_notes([int(t) for t in predicted if t >= 0])
+            for name, value in note_metrics(reference, estimate).items():
+                scores.setdefault(name, []).append(value)
+        result.update({name: float(np.mean(values)) for name, values in scores.items()})
+        return result
+
+    return compute_metrics
+
+
+def write_model_card(output_dir: str | os.PathLike, *, model_name: str, results: dict, parameters: int, recipe: str,
+                     dataset_name: str, dataset_type: str = "sound2sheet-manifest", extra_sections: str = "") -> Path:
+    """Write `README.md` (Hub model card: YAML front matter with a `model-index`, then the template's text)."""
+    import yaml
+
+    metric_names = {
+        "onset_f1": "Note F1 (onset)",
+        "onset_offset_f1": "Note F1 (onset+offset)",
+        "onset_offset_velocity_f1": "Note F1 (onset+offset+velocity)",
+    }
+    metrics = [
+        {"type": "f1", "name": label, "value": round(float(results[key]), 4)}
+        for key, label in metric_names.items()
+        if results.get(key) is not None
+    ]
+    front = {
+        "library_name": "transformers",
+        "license": "apache-2.0",
+        "tags": ["audio", "music", "piano", "music-transcription", "sound2sheet"],
+        "datasets": [dataset_name],
+        "metrics": ["f1"],
+        "model-index": [{
+            "name": model_name,
+            "results": [{
+                "task": {"type": "automatic-speech-recognition", "name": "Piano transcription"},
+                "dataset": {"type": dataset_type, "name": dataset_name},
+                "metrics": metrics,
+            }],
+        }],
+    }
+    template = MODEL_CARD_TEMPLATE.read_text() if MODEL_CARD_TEMPLATE.exists() else "# {model_name}\n\n{results_table}\n"
+    table = "\n".join(["| metric | value |", "| --- | --- |"] + [f"| {m['name']} | {m['value']:.4f} |" for m in metrics])
+    body = template.format(model_name=model_name, parameters=f"{parameters / 1e6:.2f} M", recipe=recipe,
+                           dataset_name=dataset_name, results_table=table, extra_sections=extra_sections)
+    path = Path(output_dir) / "README.md"
+    path.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + body)
+    return path
+
+
+__all__ = ["TrainingHistoryCallback", "build_compute_metrics", "token_accuracy", "write_model_card", "HISTORY_FILENAME"]
