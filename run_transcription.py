@@ -177,6 +177,102 @@ def run_transcribe(argv: List[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# train / evaluate
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a checkpoint to continue from, or a new one of the seed's sizes."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "A Sound2Sheet folder or Hub id to start from (default: a new model)."}
+    )
+    hidden_size: int = field(default=256, metadata={"help": "New model: decoder width."})
+    num_decoder_layers: int = field(default=4, metadata={"help": "New model: decoder layers."})
+    num_attention_heads: int = field(default=4, metadata={"help": "New model: decoder attention heads."})
+    intermediate_size: int = field(default=1024, metadata={"help": "New model: decoder feed-forward width."})
+    dropout: float = field(default=0.1, metadata={"help": "New model: decoder dropout."})
+    encoder_hidden_size: int = field(default=256, metadata={"help": "New model: AST encoder width."})
+    encoder_layers: int = field(default=4, metadata={"help": "New model: AST encoder layers."})
+    encoder_attention_heads: int = field(default=4, metadata={"help": "New model: AST encoder attention heads."})
+    encoder_intermediate_size: int = field(default=1024, metadata={"help": "New model: AST encoder feed-forward width."})
+    encoder_time_stride: int = field(default=2, metadata={"help": "New model: AST patch stride in time (frames of 10 ms)."})
+    encoder_pretrained: Optional[str] = field(
+        default=None,
+        metadata={"help": "New model: start the encoder from this AST checkpoint (Hub id or folder), e.g. "
+                  "MIT/ast-finetuned-audioset-10-10-0.4593; its width/depth replace the encoder_* sizes."},
+    )
+    freeze_encoder: bool = field(default=False, metadata={"help": "Do not train the AST encoder."})
+    max_target_length: int = field(default=1024, metadata={"help": "Longest token sequence per window."})
+
+
+@dataclass
+class DataArguments:
+    """Where the training data is and how windows are cut from it."""
+
+    manifest_dir: Optional[str] = field(
+        default=None, metadata={"help": "Dataset folder holding train/, val/ (and test/) manifest.json files."}
+    )
+    train_windows_per_piece: int = field(
+        default=4, metadata={"help": "Random training windows drawn from each piece per epoch."}
+    )
+    max_eval_windows: Optional[int] = field(default=None, metadata={"help": "Cap on validation windows (first N)."})
+    augment: bool = field(default=True, metadata={"help": "Gain, noise and reverb augmentation of training windows."})
+    skip_check: bool = field(default=False, metadata={"help": "Skip validating the manifests before training."})
+    early_stopping_patience: Optional[int] = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement (seed: patience)."}
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Smallest improvement that counts (seed: min_delta)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train into an output folder that holds files other than this run's."}
+    )
+
+
+# The seed trainer's flags, mapped onto the Hugging Face ones (documented in README.md).
+SEED_ALIASES = {
+    "--batch-size": "--per_device_train_batch_size",
+    "--epochs": "--num_train_epochs",
+    "--patience": "--early_stopping_patience",
+    "--min-delta": "--early_stopping_threshold",
+    "--save-every": "--save_steps",
+    "--keep-last": "--save_total_limit",
+    "--resume-from": "--resume_from_checkpoint",
+    "--use-amp": "--bf16",
+    "--accumulation-steps": "--gradient_accumulation_steps",
+}
+
+
+def translate_seed_flags(argv: List[str]) -> List[str]:
+    """Rewrite the seed's flag names (`--batch-size 8`, `--epochs=3`) into the Hugging Face ones."""
+    translated = []
+    for item in argv:
+        name, sep, value = item.partition("=")
+        translated.append(SEED_ALIASES.get(name, name) + (sep + value if sep else "") if name.startswith("--") else item)
+    if "--save_steps" in (a.partition("=")[0] for a in translated) and not any(
+        a.partition("=")[0] in ("--save_strategy", "--save-strategy") for a in translated
+    ):
+        translated += ["--save_strategy", "steps"]
+    return translated
+
+
+def parse_training_arguments(argv: List[str], prog: str):
+    from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments), prog=prog)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        if not os.path.isfile(argv[0]):
+            raise UsageError(f"{argv[0]}: no such config file")
+        try:
+            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"{argv[0]}: {err}") from None
+    return parser.parse_args_into_dataclasses(args=translate_seed_flags(argv))
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------------
 

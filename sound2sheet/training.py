@@ -103,6 +103,42 @@ class TrainingHistoryCallback(TrainerCallback):
             write_json_atomically(self.history, self._path(args))
 
 
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_REQUIRED_FILES = ("trainer_state.json", "model.safetensors")
+
+
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether a `checkpoint-N` folder was written to the end.
+
+    The Trainer writes `trainer_state.json` after the weights, optimizer, scheduler and RNG states, so a folder whose
+    state file is missing or does not parse (a process killed mid-write) is incomplete.
+    """
+    folder = Path(folder)
+    if not all((folder / name).is_file() for name in CHECKPOINT_REQUIRED_FILES):
+        return False
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Optional[str]:
+    """The highest-step `checkpoint-N` folder in `output_dir` that was written completely, or None."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = []
+    for child in output_dir.iterdir():
+        suffix = child.name[len(CHECKPOINT_PREFIX):]
+        if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
+            steps.append((int(suffix), child))
+    for _, folder in sorted(steps, reverse=True):
+        if is_complete_checkpoint(folder):
+            return str(folder)
+    return None
+
+
 def token_accuracy(predictions: np.ndarray, labels: np.ndarray, decoder_start_token_id: int) -> float:
     """Share of label tokens (ignoring -100) that the generated sequence has at the same position."""
     predictions = np.asarray(predictions)
@@ -178,4 +214,12 @@ def write_model_card(output_dir: str | os.PathLike, *, model_name: str, results:
     return path
 
 
-__all__ = ["TrainingHistoryCallback", "build_compute_metrics", "token_accuracy", "write_model_card", "HISTORY_FILENAME"]
+__all__ = [
+    "TrainingHistoryCallback",
+    "build_compute_metrics",
+    "token_accuracy",
+    "write_model_card",
+    "last_complete_checkpoint",
+    "is_complete_checkpoint",
+    "HISTORY_FILENAME",
+]
