@@ -5,23 +5,26 @@ Importing the package registers its classes with the transformers Auto* factorie
 Sound2Sheet folder.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq
+from transformers import AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq, AutoTokenizer
 
 from .configuration_sound2sheet import Sound2SheetConfig
 from .modeling_sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetModel, Sound2SheetPreTrainedModel
 from .notes import MidiFileError, Note, pitch_list, read_midi, write_midi
+from .tokenization_sound2sheet import Sound2SheetTokenizer
 
 __version__ = "0.1.0"
 
 AutoConfig.register(Sound2SheetConfig.model_type, Sound2SheetConfig, exist_ok=True)
 AutoModel.register(Sound2SheetConfig, Sound2SheetModel, exist_ok=True)
 AutoModelForSpeechSeq2Seq.register(Sound2SheetConfig, Sound2SheetForConditionalGeneration, exist_ok=True)
+AutoTokenizer.register(Sound2SheetConfig, tokenizer_class=Sound2SheetTokenizer, exist_ok=True)
 
 __all__ = [
     "Sound2SheetConfig",
     "Sound2SheetModel",
     "Sound2SheetPreTrainedModel",
     "Sound2SheetForConditionalGeneration",
+    "Sound2SheetTokenizer",
     "Note",
     "MidiFileError",
     "read_midi",
