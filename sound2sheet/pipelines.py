@@ -25,7 +25,7 @@ from transformers.pipelines import PIPELINE_REGISTRY, AutomaticSpeechRecognition
 
 from .feature_extraction_sound2sheet import load_audio
 from .modeling_sound2sheet import Sound2SheetForConditionalGeneration
-from .notes import sort_notes
+from .processing_sound2sheet import clip_notes
 
 ASR_TASK = "automatic-speech-recognition"
 
@@ -102,6 +102,7 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
                 "is_last": index == len(starts) - 1,
                 "input_values": features["input_values"],
                 "window_start": torch.tensor([start / self.feature_extractor.sampling_rate], dtype=torch.float64),
+                "audio_seconds": torch.tensor([len(samples) / self.feature_extractor.sampling_rate], dtype=torch.float64),
             }
 
     def _forward(self, model_inputs, **generate_kwargs):
@@ -111,7 +112,12 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
         tokens = self.model.generate(
             input_values=input_values, num_return_sequences=1, **self._prepare_generate_kwargs(generate_kwargs)
         )
-        return {"is_last": model_inputs["is_last"], "tokens": tokens, "window_start": model_inputs["window_start"]}
+        return {
+            "is_last": model_inputs["is_last"],
+            "tokens": tokens,
+            "window_start": model_inputs["window_start"],
+            "audio_seconds": model_inputs["audio_seconds"],
+        }
 
     def postprocess(self, model_outputs, **kwargs) -> dict[str, Any]:
         if not self.is_sound2sheet:
@@ -122,8 +128,9 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
             windows.append(tokens[1:])  # drop the decoder start token
             starts.append(float(output["window_start"].reshape(-1)[0]))
         notes = self.tokenizer.decode_windows(windows, starts, window_length=self.feature_extractor.window_seconds)
+        seconds = float(model_outputs[0]["audio_seconds"].reshape(-1)[0])
         text = " | ".join(self.tokenizer.decode(window, skip_special_tokens=True) for window in windows)
-        return {"text": text, "notes": sort_notes(notes)}
+        return {"text": text, "notes": clip_notes(notes, seconds)}
 
 
 def register_pipeline():

@@ -55,6 +55,16 @@ def strategy_generate_kwargs(
     return {"do_sample": True, "num_beams": 1, **{k: v for k, v in sampling_options.items() if v is not None}}
 
 
+def clip_notes(notes: Iterable[Note], duration: float) -> List[Note]:
+    """Notes in onset order, cut at `duration` seconds (the padded last window reaches past the audio's end)."""
+    clipped = []
+    for note in notes:
+        if note.onset < duration:
+            end = min(note.offset, duration)
+            clipped.append(note if end == note.offset else Note(note.onset, end, note.pitch, note.velocity))
+    return sort_notes(clipped)
+
+
 def _batched(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -150,15 +160,15 @@ class Sound2SheetProcessor(ProcessorMixin):
                 window = np.pad(window, (0, self.window_samples - len(window)))
             yield window
 
-    def count_windows(self, audio: AudioInput, sampling_rate: Optional[int] = None) -> int:
-        """How many windows `iter_windows` yields for this audio."""
+    def duration(self, audio: AudioInput, sampling_rate: Optional[int] = None) -> float:
+        """Length in seconds of a file (from its header) or of an array at `sampling_rate`."""
         if isinstance(audio, (str, os.PathLike)):
-            seconds = audio_duration(audio)
-        else:
-            samples = load_audio(np.asarray(audio), sampling_rate=self.feature_extractor.sampling_rate,
-                                 orig_sampling_rate=sampling_rate or self.feature_extractor.sampling_rate)
-            seconds = len(samples) / self.feature_extractor.sampling_rate
-        return max(1, math.ceil(round(seconds / self.window_seconds, 6)))
+            return audio_duration(audio)
+        return len(np.asarray(audio)) / float(sampling_rate or self.feature_extractor.sampling_rate)
+
+    def count_windows(self, audio: AudioInput, sampling_rate: Optional[int] = None) -> int:
+        """How many windows `iter_windows` yields for this (file or mono array) audio."""
+        return max(1, math.ceil(round(self.duration(audio, sampling_rate) / self.window_seconds, 6)))
 
     def generate_windows(
         self,
@@ -217,7 +227,8 @@ class Sound2SheetProcessor(ProcessorMixin):
             windows = tqdm(windows, total=self.count_windows(audio, sampling_rate), desc=name, unit="window", leave=False)
         token_windows = list(self.generate_windows(windows, model, batch_size=batch_size, bf16=bf16, **generate_kwargs))
         starts = [index * self.window_seconds for index in range(len(token_windows))]
-        notes = sort_notes(self.tokenizer.decode_windows(token_windows, starts, window_length=self.window_seconds))
+        notes = self.tokenizer.decode_windows(token_windows, starts, window_length=self.window_seconds)
+        notes = clip_notes(notes, self.duration(audio))
         if midi_path is not None:
             write_midi(notes, midi_path)
         return notes
