@@ -18,21 +18,9 @@ from sound2sheet.feature_extraction_sound2sheet import (
     load_audio,
 )
 
+from .conftest import piano_like
+
 EXTRACTOR = Sound2SheetFeatureExtractor()
-
-
-def piano_like(seconds: float, rate: int, pitches=(48, 60, 67, 76)) -> np.ndarray:
-    """Decaying harmonic tones, struck one after another: a stand-in for piano audio."""
-    t = np.arange(int(seconds * rate)) / rate
-    signal = np.zeros_like(t)
-    for index, pitch in enumerate(pitches):
-        f0 = 440.0 * 2 ** ((pitch - 69) / 12)
-        onset = index * seconds / len(pitches)
-        envelope = np.where(t >= onset, np.exp(-(t - onset) * 3.0), 0.0)
-        for harmonic in range(1, 6):
-            if f0 * harmonic < rate / 2:
-                signal += envelope * np.sin(2 * np.pi * f0 * harmonic * t) / harmonic
-    return (0.2 * signal).astype(np.float32)
 
 
 def test_one_window_is_exactly_256_frames_of_128_mels():
