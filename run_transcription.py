@@ -57,6 +57,30 @@ class TranscribeArguments:
     time_signature: Optional[str] = field(default=None, metadata={"help": "Score time signature, e.g. 3/4 (default: estimated)."})
 
 
+def build_parser(dataclass_types, prog: str):
+    """An HfArgumentParser whose errors become one-line `UsageError`s instead of argparse's usage dump."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, prog=prog)
+
+    def error(message: str):
+        raise UsageError(message)
+
+    parser.error = error
+    return parser
+
+
+def parse_into_dataclasses(parser, argv: List[str]):
+    """Dataclasses (+ a namespace of extra positional arguments); unknown flags and invalid values are UsageErrors."""
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except (ValueError, TypeError) as err:  # raised by the dataclasses' own validation
+        raise UsageError(str(err).strip().splitlines()[0]) from None
+    if remaining:
+        raise UsageError(f"unrecognized arguments: {' '.join(remaining)}")
+    return parsed
+
+
 def parse_formats(text: str) -> List[str]:
     formats = [item.strip().lower() for item in text.split(",") if item.strip()]
     unknown = [item for item in formats if item not in OUTPUT_FORMATS]
@@ -128,11 +152,9 @@ def write_outputs(notes, audio_path: str, stem: str, output_dir: Path, formats: 
 
 
 def run_transcribe(argv: List[str]) -> int:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(TranscribeArguments, prog="run_transcription.py transcribe")
+    parser = build_parser(TranscribeArguments, prog="run_transcription.py transcribe")
     parser.add_argument("audio", nargs="+", help="Audio files (WAV, FLAC, OGG; any sample rate and channel count).")
-    args, extra = parser.parse_args_into_dataclasses(args=argv)
+    args, extra = parse_into_dataclasses(parser, argv)
     audio_paths: List[str] = extra.audio
     formats = parse_formats(args.format)
     from sound2sheet.processing_sound2sheet import strategy_generate_kwargs
@@ -259,17 +281,17 @@ def translate_seed_flags(argv: List[str]) -> List[str]:
 
 
 def parse_training_arguments(argv: List[str], prog: str):
-    from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+    from transformers import Seq2SeqTrainingArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments), prog=prog)
+    parser = build_parser((ModelArguments, DataArguments, Seq2SeqTrainingArguments), prog=prog)
     if len(argv) == 1 and argv[0].endswith(".json"):
         if not os.path.isfile(argv[0]):
             raise UsageError(f"{argv[0]}: no such config file")
         try:
             return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
         except (ValueError, TypeError) as err:
-            raise UsageError(f"{argv[0]}: {err}") from None
-    return parser.parse_args_into_dataclasses(args=translate_seed_flags(argv))
+            raise UsageError(f"{argv[0]}: {str(err).strip().splitlines()[0]}") from None
+    return parse_into_dataclasses(parser, translate_seed_flags(argv))
 
 
 # ------------------------------------------------------------------------------------------------------------------
