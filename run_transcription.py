@@ -294,6 +294,201 @@ def parse_training_arguments(argv: List[str], prog: str):
     return parse_into_dataclasses(parser, translate_seed_flags(argv))
 
 
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse to train into a folder holding files that are not a Sound2Sheet run's, unless overwriting is asked for."""
+    from sound2sheet.training import CHECKPOINT_PREFIX, HISTORY_FILENAME
+
+    path = Path(output_dir)
+    if not path.exists() or overwrite:
+        return
+    if not path.is_dir():
+        raise UsageError(f"--output_dir {output_dir}: exists and is not a folder")
+    ours = {HISTORY_FILENAME, "runs", "README.md", "config.json", "generation_config.json", "model.safetensors",
+            "processor_config.json", "tokenizer_config.json", "preprocessor_config.json", "all_results.json",
+            "train_results.json", "eval_results.json", "trainer_state.json", "training_args.bin"}
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in ours and not p.name.startswith(CHECKPOINT_PREFIX))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UsageError(
+            f"--output_dir {output_dir}: holds files that are not from a Sound2Sheet run ({shown}); "
+            "choose another folder or pass --overwrite_output_dir"
+        )
+
+
+def build_model_and_processor(model_args: ModelArguments):
+    """(model, processor): from a checkpoint, or new with the seed's sizes (encoder optionally pretrained)."""
+    from sound2sheet import (
+        Sound2SheetConfig,
+        Sound2SheetFeatureExtractor,
+        Sound2SheetForConditionalGeneration,
+        Sound2SheetProcessor,
+        Sound2SheetTokenizer,
+    )
+
+    if model_args.model_name_or_path:
+        model, processor = load_transcriber(model_args.model_name_or_path)
+        if model_args.freeze_encoder:
+            model.freeze_encoder()
+        return model.train(), processor
+    processor = Sound2SheetProcessor(Sound2SheetFeatureExtractor(), Sound2SheetTokenizer())
+    extractor = processor.feature_extractor
+    config = Sound2SheetConfig(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=model_args.hidden_size,
+        num_decoder_layers=model_args.num_decoder_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        intermediate_size=model_args.intermediate_size,
+        dropout=model_args.dropout,
+        max_target_positions=model_args.max_target_length,
+        freeze_encoder=model_args.freeze_encoder,
+        encoder_config={
+            "hidden_size": model_args.encoder_hidden_size,
+            "num_hidden_layers": model_args.encoder_layers,
+            "num_attention_heads": model_args.encoder_attention_heads,
+            "intermediate_size": model_args.encoder_intermediate_size,
+            "time_stride": model_args.encoder_time_stride,
+            "max_length": extractor.max_frames,
+            "num_mel_bins": extractor.feature_size,
+        },
+    )
+    if model_args.encoder_pretrained:
+        try:
+            model = Sound2SheetForConditionalGeneration.from_encoder_pretrained(config, model_args.encoder_pretrained)
+        except (OSError, ValueError) as err:
+            raise UsageError(str(err).splitlines()[0]) from None
+    else:
+        model = Sound2SheetForConditionalGeneration(config)
+    return model, processor
+
+
+def load_split_pieces(manifest_dir: str, split: str, cache_dir: Optional[str] = None):
+    """(audio path, duration, notes) of every piece of a split, through the datasets builder."""
+    from sound2sheet.data import ManifestError, load_manifest_dataset, pieces_from_dataset
+
+    try:
+        return pieces_from_dataset(load_manifest_dataset(manifest_dir, split=split, cache_dir=cache_dir))
+    except ManifestError as err:
+        raise UsageError(str(err)) from None
+
+
+def run_train(argv: List[str]) -> int:
+    import torch
+    import transformers
+    from transformers import EarlyStoppingCallback, Seq2SeqTrainer, set_seed
+
+    from sound2sheet.data import Augmentation, Sound2SheetDataCollator, WindowDataset, check_dataset
+    from sound2sheet.training import (
+        DatasetEpochCallback,
+        TrainingHistoryCallback,
+        build_compute_metrics,
+        last_complete_checkpoint,
+        write_model_card,
+    )
+
+    # 1. arguments
+    model_args, data_args, training_args = parse_training_arguments(argv, "run_transcription.py train")
+    if not data_args.manifest_dir:
+        raise UsageError("--manifest_dir is required (a dataset folder with train/ and val/ manifests)")
+    if not os.path.isdir(data_args.manifest_dir):
+        raise UsageError(f"--manifest_dir {data_args.manifest_dir}: no such dataset folder")
+    if training_args.resume_from_checkpoint and not os.path.isdir(training_args.resume_from_checkpoint):
+        raise UsageError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no such checkpoint folder")
+
+    # 2. logging: progress and metrics from the main process, warnings from all
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logger.setLevel(level)
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+
+    # 3. the output folder: refuse foreign files, resume from the last complete checkpoint
+    check_output_dir(training_args.output_dir, data_args.overwrite_output_dir)
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and not data_args.overwrite_output_dir:
+        checkpoint = last_complete_checkpoint(training_args.output_dir)
+        if checkpoint:
+            logger.warning("Resuming from %s (pass --overwrite_output_dir to start over).", checkpoint)
+
+    # 4. seed
+    set_seed(training_args.seed)
+
+    # 5. data: check everything before any training starts
+    if not data_args.skip_check:
+        problems = check_dataset(data_args.manifest_dir)
+        if problems:
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            raise UsageError(f"{len(problems)} problem(s) in {data_args.manifest_dir} (see above); fix them or pass --skip_check")
+
+    # 6. model and processor
+    model, processor = build_model_and_processor(model_args)
+    feature_extractor, tokenizer = processor.feature_extractor, processor.tokenizer
+    if len(tokenizer) != model.config.vocab_size:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
+    model.generation_config.max_new_tokens = model.config.max_target_positions - 1
+
+    # 7. windows
+    with training_args.main_process_first(desc="reading manifests"):
+        train_pieces = load_split_pieces(data_args.manifest_dir, "train")
+        val_pieces = load_split_pieces(data_args.manifest_dir, "validation")
+    max_target = model.config.max_target_positions
+    train_dataset = WindowDataset(
+        train_pieces, feature_extractor, tokenizer, train=True, windows_per_piece=data_args.train_windows_per_piece,
+        seed=training_args.seed, augment=Augmentation() if data_args.augment else None, max_target_length=max_target,
+    )
+    eval_dataset = WindowDataset(val_pieces, feature_extractor, tokenizer, train=False, max_target_length=max_target,
+                                 max_windows=data_args.max_eval_windows)
+
+    # 8. the trainer
+    training_args.predict_with_generate = True  # note-level validation metrics need generated tokens
+    training_args.remove_unused_columns = False
+    if training_args.metric_for_best_model is None:
+        training_args.metric_for_best_model = "onset_f1"
+        training_args.greater_is_better = True
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+    callbacks: List = [TrainingHistoryCallback(), DatasetEpochCallback(train_dataset)]
+    if data_args.early_stopping_patience is not None:
+        if not training_args.load_best_model_at_end:
+            raise UsageError("--early_stopping_patience needs --load_best_model_at_end (with matching eval/save strategies)")
+        callbacks.append(EarlyStoppingCallback(data_args.early_stopping_patience, data_args.early_stopping_threshold))
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=Sound2SheetDataCollator(),
+        processing_class=processor,
+        compute_metrics=build_compute_metrics(tokenizer, model.config.decoder_start_token_id),
+        callbacks=callbacks,
+    )
+
+    # 9. train, save
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    metrics = dict(result.metrics, train_windows=len(train_dataset))
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    # 10. evaluate
+    eval_metrics = trainer.evaluate(metric_key_prefix="eval") if len(eval_dataset) else {}
+    if eval_metrics:
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+
+    # 11. model card
+    if trainer.is_world_process_zero():
+        write_model_card(
+            training_args.output_dir,
+            model_name=Path(training_args.output_dir).name,
+            results={key[len("eval_"):]: value for key, value in eval_metrics.items()},
+            parameters=model.count_parameters()["total"],
+            recipe="`python run_transcription.py train " + " ".join(argv) + "`",
+            dataset_name=str(data_args.manifest_dir),
+            extra_sections="Metrics above are per validation window (2.56 s); `run_transcription.py evaluate` scores whole pieces.",
+        )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------------
@@ -306,7 +501,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    runners = {"transcribe": run_transcribe}
+    runners = {"transcribe": run_transcribe, "train": run_train}
     try:
         if command not in runners:
             raise UsageError(f"unknown subcommand {command!r}; choose one of {', '.join(SUBCOMMANDS)}")

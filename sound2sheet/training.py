@@ -64,7 +64,7 @@ class TrainingHistoryCallback(TrainerCallback):
             self._learning_rate = float(logs["learning_rate"])
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not self.history:  # evaluate() called outside train()
+        if not self.history or self.history.get("end_time"):  # an evaluate() outside train(), e.g. the final one
             return
         metrics = metrics or {}
         entry = {
@@ -137,6 +137,19 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> Optional[str]:
         if is_complete_checkpoint(folder):
             return str(folder)
     return None
+
+
+class DatasetEpochCallback(TrainerCallback):
+    """Tells a dataset with `set_epoch` (the training windows) which epoch starts, so each epoch draws new windows.
+
+    accelerate only forwards the epoch to the dataset when its sampler cannot take it; this makes it explicit.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(round(state.epoch or 0)))
 
 
 def token_accuracy(predictions: np.ndarray, labels: np.ndarray, decoder_start_token_id: int) -> float:
@@ -216,6 +229,7 @@ def write_model_card(output_dir: str | os.PathLike, *, model_name: str, results:
 
 __all__ = [
     "TrainingHistoryCallback",
+    "DatasetEpochCallback",
     "build_compute_metrics",
     "token_accuracy",
     "write_model_card",
