@@ -489,6 +489,101 @@ def run_train(argv: List[str]) -> int:
     return 0
 
 
+@dataclass
+class EvaluateArguments:
+    """Options of `run_transcription.py evaluate`: score a model on whole pieces of a manifest split."""
+
+    manifest_dir: str = field(metadata={"help": "Dataset folder with {train,val,test}/manifest.json."})
+    model_name_or_path: str = field(default=str(DEFAULT_MODEL), metadata={"help": "Sound2Sheet folder or Hub id."})
+    split: str = field(default="test", metadata={"help": "train, val/validation or test."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Write eval_<split>.json (and plots) here."})
+    strategy: str = field(default="greedy", metadata={"help": "greedy, beam or sample."})
+    num_beams: Optional[int] = field(default=None, metadata={"help": "Beams for --strategy beam."})
+    temperature: Optional[float] = field(default=None, metadata={"help": "Sampling temperature."})
+    top_k: Optional[int] = field(default=None, metadata={"help": "Top-k sampling."})
+    top_p: Optional[float] = field(default=None, metadata={"help": "Nucleus sampling mass."})
+    batch_size: int = field(default=8, metadata={"help": "Windows decoded together."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on CPU."})
+    threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
+    max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces."})
+    token_accuracy: bool = field(default=True, metadata={"help": "Also compute teacher-forced loss and token accuracy."})
+    plots: bool = field(default=False, metadata={"help": "Write a prediction-vs-reference piano roll PNG per piece."})
+
+
+def teacher_forced_scores(model, dataset, batch_size: int) -> dict:
+    """Mean loss and token accuracy of `model` on the windows of `dataset` (labels shifted inside the model)."""
+    import torch
+
+    from sound2sheet.data import Sound2SheetDataCollator
+
+    collate = Sound2SheetDataCollator()
+    losses, correct, total = [], 0, 0
+    with torch.inference_mode():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            output = model(input_values=batch["input_values"], labels=batch["labels"])
+            mask = batch["labels"] != -100
+            losses.append(float(output.loss) * int(mask.sum()))
+            correct += int((output.logits.argmax(-1) == batch["labels"])[mask].sum())
+            total += int(mask.sum())
+    return {"loss": sum(losses) / max(total, 1), "token_accuracy": correct / max(total, 1)}
+
+
+def run_evaluate(argv: List[str]) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from sound2sheet.data import ManifestError, WindowDataset, load_manifest_dataset, notes_of_example
+    from sound2sheet.metrics import mean_metrics, note_metrics
+    from sound2sheet.processing_sound2sheet import strategy_generate_kwargs
+
+    args = parse_into_dataclasses(build_parser(EvaluateArguments, prog="run_transcription.py evaluate"), argv)[0]
+    if not os.path.isdir(args.manifest_dir):
+        raise UsageError(f"--manifest_dir {args.manifest_dir}: no such dataset folder")
+    try:
+        generate_kwargs = strategy_generate_kwargs(args.strategy, args.num_beams, args.temperature, args.top_k, args.top_p)
+        dataset = load_manifest_dataset(args.manifest_dir, split=args.split)
+    except (ValueError, ManifestError) as err:
+        raise UsageError(str(err)) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load_transcriber(args.model_name_or_path)
+    examples = list(dataset)[: args.max_pieces] if args.max_pieces else list(dataset)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    per_piece = []
+    for example in tqdm(examples, desc=f"evaluating {args.split}", unit="piece"):
+        reference = notes_of_example(example)
+        prediction = processor.transcribe(example["audio_path"], model, batch_size=args.batch_size, bf16=args.bf16, **generate_kwargs)
+        scores = note_metrics(reference, prediction)
+        per_piece.append({"id": example["id"], "audio_path": example["audio_path"], "reference_notes": len(reference),
+                          "predicted_notes": len(prediction), **scores})
+        if output_dir and args.plots:
+            from sound2sheet.pianoroll import plot_comparison
+
+            plot_comparison(reference, prediction, output_dir / f"{output_stems([example['audio_path']])[0]}.comparison.png")
+    report = {"model": args.model_name_or_path, "manifest_dir": os.path.abspath(args.manifest_dir), "split": args.split,
+              "pieces": len(per_piece), "decoding": generate_kwargs,
+              "metrics": mean_metrics([{k: p[k] for k in p if k not in ("id", "audio_path", "reference_notes", "predicted_notes")} for p in per_piece])}
+    if args.token_accuracy:
+        windows = WindowDataset([(e["audio_path"], float(e["duration"]), notes_of_example(e)) for e in examples],
+                                processor.feature_extractor, processor.tokenizer, train=False,
+                                max_target_length=model.config.max_target_positions)
+        report.update(teacher_forced_scores(model, windows, args.batch_size))
+    report["per_piece"] = per_piece
+    for name in ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1"):
+        print(f"{args.split} {name}: {report['metrics'][name]:.4f}")
+    if "token_accuracy" in report:
+        print(f"{args.split} token_accuracy: {report['token_accuracy']:.4f}  loss: {report['loss']:.4f}")
+    if output_dir:
+        from sound2sheet.training import write_json_atomically
+
+        write_json_atomically(report, output_dir / f"eval_{args.split}.json")
+        print(f"report: {output_dir / f'eval_{args.split}.json'}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------------
@@ -501,7 +596,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    runners = {"transcribe": run_transcribe, "train": run_train}
+    runners = {"transcribe": run_transcribe, "train": run_train, "evaluate": run_evaluate}
     try:
         if command not in runners:
             raise UsageError(f"unknown subcommand {command!r}; choose one of {', '.join(SUBCOMMANDS)}")

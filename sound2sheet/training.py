@@ -51,6 +51,7 @@ class TrainingHistoryCallback(TrainerCallback):
         if state.global_step > 0 and path.exists():  # resuming: keep what the earlier run recorded
             self.history = json.loads(path.read_text())
             self.history["epochs"] = [e for e in self.history.get("epochs", []) if e["step"] <= state.global_step]
+            self.history["end_time"] = None
         else:
             self.history = {"start_time": _now(), "end_time": None, "total_epochs": 0, "best_epoch": None,
                             "best_val_loss": None, "best_metric": None, "epochs": []}
