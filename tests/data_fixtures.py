@@ -1,0 +1,48 @@
+"""Small datasets in the manifest layout, written by the tests themselves (no FluidSynth needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pretty_midi
+import soundfile
+
+from sound2sheet import Note
+
+from .conftest import piano_like
+
+
+def write_midi_with_pedal(path: Path, notes: List[Note], pedal=()):
+    midi = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(0)
+    piano.notes = [pretty_midi.Note(velocity=n.velocity, pitch=n.pitch, start=n.onset, end=n.offset) for n in notes]
+    for down, up in pedal:
+        piano.control_changes += [pretty_midi.ControlChange(64, 127, down), pretty_midi.ControlChange(64, 0, up)]
+    midi.instruments.append(piano)
+    midi.write(str(path))
+
+
+def make_dataset(root: Path, pieces_per_split=(2, 1, 1), seconds: float = 6.0) -> Path:
+    """DATASET/{train,val,test}/ with piano-like FLACs and MIDIs; piece k of a split has a pedal over 1.0-2.0 s."""
+    for split, count in zip(("train", "val", "test"), pieces_per_split):
+        folder = root / split
+        (folder / "audio").mkdir(parents=True)
+        (folder / "midi").mkdir()
+        entries = []
+        for k in range(count):
+            name = f"{split}-{k}"
+            soundfile.write(folder / "audio" / f"{name}.flac", piano_like(seconds, 22050, pitches=(48 + k, 60, 67)), 22050)
+            notes = [Note(0.5, 1.2, 60 + k, 90), Note(2.4, 3.0, 64, 70), Note(2.5, 5.5, 48, 60)]
+            write_midi_with_pedal(folder / "midi" / f"{name}.mid", notes, pedal=[(1.0, 2.0)])
+            entries.append({"id": name, "audio_path": f"audio/{name}.flac", "midi_path": f"midi/{name}.mid",
+                            "duration": seconds, "metadata": {"k": k}})
+        (folder / "manifest.json").write_text(json.dumps(entries, indent=1))
+    return root
+
+
+# The notes make_dataset's pieces sound (pedal-extended: the first note is held by the pedal until 2.0 s).
+def expected_notes(k: int) -> List[Note]:
+    return [Note(0.5, 2.0, 60 + k, 90), Note(2.4, 3.0, 64, 70), Note(2.5, 5.5, 48, 60)]
