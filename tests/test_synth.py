@@ -1,0 +1,114 @@
+"""The synthetic corpus renderer: audible onsets match the MIDI, reserved pieces are refused, determinism, splits."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+
+from sound2sheet.data import check_dataset, read_manifest
+from sound2sheet.data.synth import (
+    RenderJob,
+    ReservedPieceError,
+    available_soundfonts,
+    check_not_reserved,
+    is_reserved,
+    main as synth_main,
+    plan_jobs,
+    render_audio,
+    write_performance_midi,
+)
+
+needs_fluidsynth = pytest.mark.skipif(
+    shutil.which("fluidsynth") is None or not available_soundfonts(),
+    reason="needs FluidSynth and a GM soundfont (apt-get install fluidsynth fluid-soundfont-gm)",
+)
+
+
+def test_reserved_pieces_are_refused():
+    assert is_reserved("bach/bwv846.mxl") and is_reserved("bach/bwv846") and is_reserved("./Joplin/Maple_Leaf_Rag.mxl")
+    assert not is_reserved("bach/bwv66.6.mxl")
+    with pytest.raises(ReservedPieceError) as error:
+        check_not_reserved("chopin/mazurka06-2.krn")
+    assert str(error.value) == "chopin/mazurka06-2.krn is reserved for evaluation (eval_reserved.txt) and is never rendered for training"
+    with pytest.raises(ReservedPieceError, match="bach/bwv846.mxl is reserved for evaluation"):
+        plan_jobs(0.01, pieces=["bach/bwv66.6.mxl", "bach/bwv846.mxl"])
+
+
+def test_the_corpus_listing_excludes_every_reserved_piece():
+    from sound2sheet.data.synth import music21_pieces, reserved_pieces
+
+    pieces = music21_pieces()
+    assert len(pieces) > 1000
+    assert not any(is_reserved(p) for p in pieces)
+    reserved_with_extension = {r for r in reserved_pieces() if "." in r.rsplit("/", 1)[-1]}
+    assert reserved_with_extension.isdisjoint({p.lower() for p in pieces})
+
+
+def test_plan_splits_by_piece_and_keeps_the_held_out_soundfont_for_test():
+    jobs = plan_jobs(0.3, seed=1, sources=("procedural",), soundfonts=("FluidR3_GM", "TimGM6mb"), exclude_soundfont="TimGM6mb",
+                     val_fraction=0.2, test_fraction=0.2, max_piece_seconds=10)
+    assert len({job.piece_id for job in jobs}) == len(jobs)
+    by_split = {split: [job for job in jobs if job.split == split] for split in ("train", "validation", "test")}
+    assert all(by_split.values())
+    assert {job.soundfont for job in by_split["test"]} == {"TimGM6mb"}
+    assert "TimGM6mb" not in {job.soundfont for job in by_split["train"] + by_split["validation"]}
+    again = plan_jobs(0.3, seed=1, sources=("procedural",), soundfonts=("FluidR3_GM", "TimGM6mb"), exclude_soundfont="TimGM6mb",
+                      val_fraction=0.2, test_fraction=0.2, max_piece_seconds=10)
+    assert again == jobs
+
+
+@needs_fluidsynth
+def test_rendered_onsets_match_the_midi(tmp_path):
+    onsets = [0.5, 1.3, 2.2, 3.05]
+    performed = [(t, t + 0.4, pitch, 100) for t, pitch in zip(onsets, (48, 60, 72, 84))]
+    write_performance_midi(performed, [], tmp_path / "isolated.mid")
+    font = next(iter(available_soundfonts().values()))
+    audio = render_audio(tmp_path / "isolated.mid", font, np.random.default_rng(0), seconds=4.0)
+    hop = 80  # 5 ms frames at 16 kHz
+    energy = np.array([np.sum(audio[i : i + hop] ** 2) for i in range(0, len(audio) - hop, hop)])
+    rises = np.flatnonzero((energy[1:] > 4 * (energy[:-1] + 1e-9)) & (energy[1:] > 0.01 * energy.max())) + 1
+    detected = []
+    for frame in rises:
+        if not detected or frame * hop / 16000 - detected[-1] > 0.2:
+            detected.append(frame * hop / 16000)
+    assert len(detected) == len(onsets)
+    assert np.max(np.abs(np.array(detected) - onsets)) < 0.02
+
+
+def file_hashes(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.suffix in (".flac", ".mid")}
+
+
+@needs_fluidsynth
+@pytest.mark.slow
+def test_rendering_is_deterministic_for_a_seed_and_writes_valid_manifests(tmp_path):
+    font = next(iter(available_soundfonts()))
+    args = ["--hours", "0.005", "--sources", "procedural", "--soundfonts", font, "--max-piece-seconds", "4",
+            "--val-fraction", "0.3", "--test-fraction", "0.3", "--workers", "2"]
+    assert synth_main(["--out", str(tmp_path / "a"), "--seed", "3", *args]) == 0
+    assert synth_main(["--out", str(tmp_path / "b"), "--seed", "3", *args]) == 0
+    assert synth_main(["--out", str(tmp_path / "c"), "--seed", "4", *args]) == 0
+    first = file_hashes(tmp_path / "a")
+    assert first and first == file_hashes(tmp_path / "b")
+    assert first != file_hashes(tmp_path / "c")
+    assert check_dataset(tmp_path / "a") == []
+    ids = {}
+    for split in ("train", "val", "test"):
+        for entry in read_manifest(tmp_path / "a" / split / "manifest.json"):
+            assert entry.id not in ids
+            ids[entry.id] = split
+            info = soundfile.info(entry.audio_path)
+            assert info.samplerate == 16000 and info.channels == 1
+            assert entry.duration == pytest.approx(info.frames / 16000, abs=1e-3)
+            assert entry.metadata["source"] == "procedural" and entry.metadata["soundfont"] == font
+
+
+@needs_fluidsynth
+def test_missing_soundfont_names_the_packages(capsys, tmp_path):
+    assert synth_main(["--out", str(tmp_path), "--hours", "0.01", "--soundfonts", "NoSuchFont"]) == 2
+    assert "apt-get install fluidsynth fluid-soundfont-gm" in capsys.readouterr().err
