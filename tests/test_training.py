@@ -1,0 +1,227 @@
+"""run_transcription.py train/evaluate on the HF Trainer: checkpoints, best model, early stopping, history,
+resume after SIGKILL, multi-process training, metrics, argument errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sound2sheet import Note
+from sound2sheet.metrics import load_note_metric, note_metrics, note_rows
+from sound2sheet.training import is_complete_checkpoint, last_complete_checkpoint
+
+from .data_fixtures import make_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--hidden_size", "32", "--num_decoder_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "64",
+    "--encoder_hidden_size", "32", "--encoder_layers", "1", "--encoder_attention_heads", "2",
+    "--encoder_intermediate_size", "64", "--encoder_time_stride", "8", "--max_target_length", "128", "--dropout", "0.0",
+    "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--report_to", "none", "--logging_steps", "1",
+    "--train_windows_per_piece", "4", "--seed", "1", "--dataloader_num_workers", "0", "--no_augment",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", pieces_per_split=(2, 1, 1))
+
+
+def train(run_transcription, dataset, output_dir, *extra):
+    return run_transcription.main(["train", "--manifest_dir", str(dataset), "--output_dir", str(output_dir), *TINY, *map(str, extra)])
+
+
+def checkpoints(folder):
+    return sorted((p.name for p in Path(folder).glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+
+
+@pytest.mark.slow
+def test_training_end_to_end(run_transcription, dataset, tmp_path):
+    out = tmp_path / "run"
+    code = train(run_transcription, dataset, out, "--num_train_epochs", "4", "--eval_strategy", "epoch", "--save_strategy", "epoch",
+                 "--save_total_limit", "2", "--load_best_model_at_end", "--metric_for_best_model", "loss")
+    assert code == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4  # the loss falls
+    evals = [(entry["step"], entry["eval_loss"]) for entry in state["log_history"] if "eval_loss" in entry and "epoch" in entry][:4]
+    best_step = min(evals, key=lambda item: item[1])[0]
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best_step}")
+    kept = checkpoints(out)
+    assert len(kept) <= 2 + 1 and f"checkpoint-{best_step}" in kept  # the limit, plus the best one kept
+    assert len(kept) < 4
+    history = json.loads((out / "training_history.json").read_text())
+    assert set(history) == {"start_time", "end_time", "total_epochs", "best_epoch", "best_val_loss", "best_metric", "epochs"}
+    assert history["total_epochs"] == 4.0 and len(history["epochs"]) == 4
+    assert set(history["epochs"][0]) == {"epoch", "step", "train_loss", "val_loss", "val_token_accuracy", "note_f1", "learning_rate", "timestamp"}
+    assert history["best_val_loss"] == min(e["val_loss"] for e in history["epochs"])
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "model-index:" in card
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json", "processor_config.json"):
+        assert (out / name).exists(), name
+    # evaluate the trained folder on whole pieces
+    code = run_transcription.main(["evaluate", "--manifest_dir", str(dataset), "--model_name_or_path", str(out), "--split", "test",
+                                   "--output_dir", str(tmp_path / "eval")])
+    assert code == 0
+    report = json.loads((tmp_path / "eval" / "eval_test.json").read_text())
+    assert report["pieces"] == 1 and 0.0 <= report["metrics"]["onset_f1"] <= 1.0
+    assert 0.0 <= report["token_accuracy"] <= 1.0 and report["per_piece"][0]["id"] == "test-0"
+
+
+@pytest.mark.slow
+def test_early_stopping_stops(run_transcription, dataset, tmp_path):
+    out = tmp_path / "early"
+    code = train(run_transcription, dataset, out, "--num_train_epochs", "10", "--eval_strategy", "epoch", "--save_strategy", "epoch",
+                 "--load_best_model_at_end", "--metric_for_best_model", "loss", "--patience", "1", "--min-delta", "100")
+    assert code == 0
+    history = json.loads((out / "training_history.json").read_text())
+    assert len(history["epochs"]) == 2  # the first evaluation sets the best; the second does not beat it by 100
+
+
+def run_script(args, env_extra=None, **kwargs):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "run_transcription.py"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_resumes_exactly(dataset, tmp_path):
+    args = ["train", "--manifest_dir", str(dataset), *TINY, "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "2"]
+    reference = run_script([*args, "--output_dir", str(tmp_path / "reference")])
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()
+    killed_dir = tmp_path / "killed"
+    victim = run_script([*args, "--output_dir", str(killed_dir)])
+    deadline = time.time() + 600
+    while time.time() < deadline and not (killed_dir / "checkpoint-6" / "trainer_state.json").exists():
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert last_complete_checkpoint(killed_dir) is not None
+    before = checkpoints(killed_dir)
+    # a checkpoint torn mid-write must never be picked up
+    torn = killed_dir / "checkpoint-99"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    (torn / "trainer_state.json").write_text('{"log_history": [')
+    assert not is_complete_checkpoint(torn)
+    assert last_complete_checkpoint(killed_dir) == str(killed_dir / before[-1])
+    shutil.rmtree(torn)
+    resumed = run_script([*args, "--output_dir", str(killed_dir)])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert f"Resuming from {killed_dir / before[-1]}" in resumed.stderr.read()
+    final_reference = load_file(tmp_path / "reference" / "model.safetensors")
+    final_resumed = load_file(killed_dir / "model.safetensors")
+    assert final_reference.keys() == final_resumed.keys()
+    for name in final_reference:
+        assert torch.equal(final_reference[name], final_resumed[name]), name
+    for name in ("optimizer.pt", "scheduler.pt"):
+        ref_state = torch.load(tmp_path / "reference" / "checkpoint-12" / name, weights_only=True)
+        got_state = torch.load(killed_dir / "checkpoint-12" / name, weights_only=True)
+        assert repr(ref_state) == repr(got_state), name
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_on_the_same_global_batch(dataset, tmp_path):
+    if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists():
+        pytest.skip("accelerate's launcher is not installed")
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    common = ["--manifest_dir", str(dataset), *TINY, "--max_steps", "6", "--save_strategy", "no", "--learning_rate", "1e-3"]
+    single = run_script(["train", *common, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"])
+    assert single.wait(timeout=900) == 0, single.stderr.read()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    double = subprocess.run(
+        [launcher, "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(REPO_ROOT / "run_transcription.py"), "train", *common,
+         "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "2"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    def losses(folder):
+        state = json.loads((folder / "trainer_state.json").read_text())
+        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    # the per-process token means are averaged instead of one mean over all tokens: close, not identical
+    assert two == pytest.approx(one, rel=0.05)
+
+
+def test_argument_errors_are_one_line_with_exit_code_2(run_transcription, dataset, tmp_path, capsys):
+    assert run_transcription.main(["train", "--output_dir", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --manifest_dir is required (a dataset folder with train/ and val/ manifests)"
+    assert run_transcription.main(["train", "--manifest_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --manifest_dir {tmp_path / 'nope'}: no such dataset folder"
+    assert run_transcription.main(["train", "--manifest_dir", str(dataset), "--output_dir", str(tmp_path / "x"), "--bogus", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: unrecognized arguments: --bogus 1"
+
+
+def test_a_folder_with_someone_elses_files_is_not_overwritten(run_transcription, dataset, tmp_path, capsys):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert train(run_transcription, dataset, out, "--max_steps", "1") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --output_dir {out}: holds files that are not from a Sound2Sheet run (thesis.tex); "
+        "choose another folder or pass --overwrite_output_dir"
+    )
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_seed_flags_map_onto_the_hugging_face_ones(run_transcription):
+    translate = run_transcription.translate_seed_flags
+    assert translate(["--batch-size", "8", "--epochs=3", "--patience", "2", "--resume-from", "ckpt", "--use-amp"]) == [
+        "--per_device_train_batch_size", "8", "--num_train_epochs=3", "--early_stopping_patience", "2",
+        "--resume_from_checkpoint", "ckpt", "--bf16",
+    ]
+    assert translate(["--save-every", "50"]) == ["--save_steps", "50", "--save_strategy", "steps"]
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
+
+REFERENCE = [Note(0.10, 0.50, 60, 80), Note(0.50, 1.00, 62, 80), Note(1.00, 1.50, 64, 80), Note(1.50, 2.00, 65, 80)]
+
+
+def test_ground_truth_scores_one_and_empty_prediction_zero():
+    perfect = note_metrics(REFERENCE, REFERENCE)
+    assert all(value == 1.0 for value in perfect.values())
+    empty = note_metrics(REFERENCE, [])
+    assert all(value == 0.0 for value in empty.values())
+    assert note_metrics([], [])["onset_f1"] == 1.0
+
+
+def test_hand_counted_matches():
+    predicted = [Note(0.12, 0.50, 60, 80), Note(0.53, 1.00, 62, 80), Note(1.08, 1.50, 64, 80)]  # the last is 80 ms late
+    scores = note_metrics(REFERENCE, predicted)
+    assert scores["onset_precision"] == pytest.approx(2 / 3)
+    assert scores["onset_recall"] == pytest.approx(2 / 4)
+    # offsets: the second note ends on time; a note that ends 0.3 s early fails the offset criterion
+    early_end = [Note(0.10, 0.20, 60, 80), Note(0.50, 1.00, 62, 80)]
+    assert note_metrics(REFERENCE, early_end)["onset_offset_precision"] == pytest.approx(1 / 2)
+    # velocity: mir_eval fits the predicted loudness linearly to the reference's, so the same dynamic shape at
+    # another level passes, and loudness that jumps around where the reference rises steadily fails
+    crescendo = [Note(n.onset, n.offset, n.pitch, v) for n, v in zip(REFERENCE, (40, 60, 80, 100))]
+    louder = [Note(n.onset, n.offset, n.pitch, v) for n, v in zip(REFERENCE, (60, 80, 100, 120))]
+    erratic = [Note(n.onset, n.offset, n.pitch, v) for n, v in zip(REFERENCE, (127, 1, 127, 1))]
+    assert note_metrics(crescendo, louder)["onset_offset_velocity_f1"] == 1.0
+    wrong = note_metrics(crescendo, erratic)
+    assert wrong["onset_offset_f1"] == 1.0 and wrong["onset_offset_velocity_f1"] == 0.0
+
+
+def test_evaluate_module_loads_offline_and_agrees(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    metric = load_note_metric()
+    predicted = [Note(0.12, 0.50, 60, 80), Note(0.53, 1.00, 62, 80)]
+    result = metric.compute(predictions=[note_rows(predicted), note_rows(REFERENCE)], references=[note_rows(REFERENCE)] * 2)
+    expected = (note_metrics(REFERENCE, predicted)["onset_f1"] + 1.0) / 2
+    assert result["onset_f1"] == pytest.approx(expected)
