@@ -423,7 +423,10 @@ def run_train(argv: List[str]) -> int:
     feature_extractor, tokenizer = processor.feature_extractor, processor.tokenizer
     if len(tokenizer) != model.config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
-    model.generation_config.max_new_tokens = model.config.max_target_positions - 1
+    # During training, decode up to max_length: Seq2SeqTrainer fills unset generation options with transformers'
+    # defaults (max_length=20) in the model's own generation config. The user-facing default is restored after.
+    model.generation_config.max_new_tokens = None
+    model.generation_config.max_length = model.config.max_target_positions
 
     # 7. windows
     with training_args.main_process_first(desc="reading manifests"):
@@ -463,6 +466,8 @@ def run_train(argv: List[str]) -> int:
 
     # 9. train, save
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    model.generation_config.max_length = None
+    model.generation_config.max_new_tokens = model.config.max_target_positions - 1
     trainer.save_model()
     metrics = dict(result.metrics, train_windows=len(train_dataset))
     trainer.log_metrics("train", metrics)

@@ -323,6 +323,7 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+    _keys_to_ignore_on_save = ["lm_head.weight"]  # tied: stored once, as the token embedding
 
     def __init__(self, config: Sound2SheetConfig):
         super().__init__(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -150,7 +151,8 @@ class DatasetEpochCallback(TrainerCallback):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(int(round(state.epoch or 0)))
+        # state.epoch is fractional when resuming mid-epoch (e.g. 1.5): the epoch under way is its integer part
+        self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
 
 
 def token_accuracy(predictions: np.ndarray, labels: np.ndarray, decoder_start_token_id: int) -> float:
