@@ -10,7 +10,6 @@ Each subcommand's options: `python run_transcription.py SUBCOMMAND --help`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -21,8 +20,8 @@ from typing import List, Optional
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_DIR / "models" / "sound2sheet-tiny-random"  # until the trained default model ships
 SUBCOMMANDS = ("train", "evaluate", "transcribe")
-OUTPUT_FORMATS = ("midi", "json", "musicxml", "pdf", "png", "pianoroll")
-FORMAT_SUFFIX = {"midi": ".mid", "json": ".json", "musicxml": ".musicxml", "pdf": ".pdf", "png": ".png", "pianoroll": ".pianoroll.png"}
+OUTPUT_FORMATS = ("midi", "json")
+FORMAT_SUFFIX = {"midi": ".mid", "json": ".json"}
 
 logger = logging.getLogger("run_transcription")
 
@@ -53,8 +52,6 @@ class TranscribeArguments:
     batch_size: int = field(default=8, metadata={"help": "Windows decoded together (memory grows with it)."})
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
     bf16: bool = field(default=False, metadata={"help": "Run the model under bfloat16 autocast on CPU."})
-    tempo: Optional[float] = field(default=None, metadata={"help": "Score tempo in BPM (musicxml/pdf/png; default: estimated)."})
-    time_signature: Optional[str] = field(default=None, metadata={"help": "Score time signature, e.g. 3/4 (default: estimated)."})
 
 
 def build_parser(dataclass_types, prog: str):
@@ -116,9 +113,10 @@ def load_transcriber(model_path: str):
     return model, processor
 
 
-def write_outputs(notes, audio_path: str, stem: str, output_dir: Path, formats: List[str], args: TranscribeArguments, model_name: str):
+def write_outputs(notes, audio_path: str, stem: str, output_dir: Path, formats: List[str], model_name: str):
     """Write each requested format for one transcription; returns the written paths."""
     from sound2sheet.notes import pitch_list, write_midi
+    from sound2sheet.training import write_json_atomically
 
     written = []
     for fmt in formats:
@@ -132,21 +130,7 @@ def write_outputs(notes, audio_path: str, stem: str, output_dir: Path, formats: 
                 "notes": [note.to_dict() for note in notes],
                 "pitches": pitch_list(notes),
             }
-            tmp = path.with_name(path.name + ".partial")
-            tmp.write_text(json.dumps(payload, indent=1))
-            os.replace(tmp, path)
-        elif fmt == "musicxml":
-            from sound2sheet.sheet import write_musicxml
-
-            write_musicxml(notes, path, tempo=args.tempo, time_signature=args.time_signature)
-        elif fmt in ("pdf", "png"):
-            from sound2sheet.sheet import render_score
-
-            render_score(notes, path, fmt=fmt, tempo=args.tempo, time_signature=args.time_signature)
-        elif fmt == "pianoroll":
-            from sound2sheet.pianoroll import plot_pianoroll
-
-            plot_pianoroll(notes, path)
+            write_json_atomically(payload, path)
         written.append(path)
     return written
 
@@ -183,7 +167,7 @@ def run_transcribe(argv: List[str]) -> int:
             notes = processor.transcribe(
                 audio_path, model, batch_size=args.batch_size, bf16=args.bf16, progress=True, **generate_kwargs
             )
-            written = write_outputs(notes, audio_path, stem, output_dir, formats, args, args.model)
+            written = write_outputs(notes, audio_path, stem, output_dir, formats, args.model)
         except (ValueError, OSError, RuntimeError) as err:
             failures += 1
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -512,7 +496,6 @@ class EvaluateArguments:
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
     max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces."})
     token_accuracy: bool = field(default=True, metadata={"help": "Also compute teacher-forced loss and token accuracy."})
-    plots: bool = field(default=False, metadata={"help": "Write a prediction-vs-reference piano roll PNG per piece."})
 
 
 def teacher_forced_scores(model, dataset, batch_size: int) -> dict:
@@ -564,10 +547,6 @@ def run_evaluate(argv: List[str]) -> int:
         scores = note_metrics(reference, prediction)
         per_piece.append({"id": example["id"], "audio_path": example["audio_path"], "reference_notes": len(reference),
                           "predicted_notes": len(prediction), **scores})
-        if output_dir and args.plots:
-            from sound2sheet.pianoroll import plot_comparison
-
-            plot_comparison(reference, prediction, output_dir / f"{output_stems([example['audio_path']])[0]}.comparison.png")
     report = {"model": args.model_name_or_path, "manifest_dir": os.path.abspath(args.manifest_dir), "split": args.split,
               "pieces": len(per_piece), "decoding": generate_kwargs,
               "metrics": mean_metrics([{k: p[k] for k in p if k not in ("id", "audio_path", "reference_notes", "predicted_notes")} for p in per_piece])}

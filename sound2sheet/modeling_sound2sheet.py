@@ -10,7 +10,6 @@ self-attention keys/values grow by one token per step and cross-attention keys/v
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 

@@ -18,7 +18,6 @@ This module imports only `sound2sheet.notes` from the package.
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from transformers import PreTrainedTokenizer

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import List
 
-import numpy as np
 import pretty_midi
 import soundfile
 

@@ -339,7 +339,7 @@ def test_hub_id_loads_from_an_offline_cache(model, tmp_path):
     fill_hub_cache(cache, "sound2sheet-test/tiny-piano", folder)
     expected = float(sum(t.double().sum() for t in model.state_dict().values()))
     result = run_python(
-        f"""
+        """
         import sound2sheet
         from transformers import AutoModelForSpeechSeq2Seq
         model = AutoModelForSpeechSeq2Seq.from_pretrained("sound2sheet-test/tiny-piano")

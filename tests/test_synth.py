@@ -11,7 +11,6 @@ import soundfile
 
 from sound2sheet.data import check_dataset, read_manifest
 from sound2sheet.data.synth import (
-    RenderJob,
     ReservedPieceError,
     available_soundfonts,
     check_not_reserved,

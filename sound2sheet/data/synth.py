@@ -27,14 +27,14 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..notes import Note, read_midi
+from ..notes import read_midi
 from . import procedural
 from .manifest import ManifestEntry, manifest_path, write_manifest
 
