@@ -20,8 +20,8 @@ from typing import List, Optional
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_DIR / "models" / "sound2sheet-tiny-random"  # until the trained default model ships
 SUBCOMMANDS = ("train", "evaluate", "transcribe")
-OUTPUT_FORMATS = ("midi", "json")
-FORMAT_SUFFIX = {"midi": ".mid", "json": ".json"}
+OUTPUT_FORMATS = ("midi", "json", "musicxml", "pdf", "png")
+FORMAT_SUFFIX = {"midi": ".mid", "json": ".json", "musicxml": ".musicxml", "pdf": ".pdf", "png": ".png"}
 
 logger = logging.getLogger("run_transcription")
 
@@ -52,6 +52,8 @@ class TranscribeArguments:
     batch_size: int = field(default=8, metadata={"help": "Windows decoded together (memory grows with it)."})
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
     bf16: bool = field(default=False, metadata={"help": "Run the model under bfloat16 autocast on CPU."})
+    tempo: Optional[float] = field(default=None, metadata={"help": "Score tempo in BPM (musicxml/pdf/png; default: estimated)."})
+    time_signature: Optional[str] = field(default=None, metadata={"help": "Score time signature, 3/4 or 4/4 (default: estimated)."})
 
 
 def build_parser(dataclass_types, prog: str):
@@ -113,7 +115,7 @@ def load_transcriber(model_path: str):
     return model, processor
 
 
-def write_outputs(notes, audio_path: str, stem: str, output_dir: Path, formats: List[str], model_name: str):
+def write_outputs(notes, audio_path: str, stem: str, output_dir: Path, formats: List[str], model_name: str, score_options: dict):
     """Write each requested format for one transcription; returns the written paths."""
     from sound2sheet.notes import pitch_list, write_midi
     from sound2sheet.training import write_json_atomically
@@ -131,6 +133,14 @@ def write_outputs(notes, audio_path: str, stem: str, output_dir: Path, formats: 
                 "pitches": pitch_list(notes),
             }
             write_json_atomically(payload, path)
+        elif fmt == "musicxml":
+            from sound2sheet.sheet import write_musicxml
+
+            write_musicxml(notes, path, title=stem, **score_options)
+        else:
+            from sound2sheet.sheet import render_score
+
+            render_score(notes, path, fmt=fmt, title=stem, **score_options)
         written.append(path)
     return written
 
@@ -141,6 +151,18 @@ def run_transcribe(argv: List[str]) -> int:
     args, extra = parse_into_dataclasses(parser, argv)
     audio_paths: List[str] = extra.audio
     formats = parse_formats(args.format)
+    if args.time_signature not in (None, "3/4", "4/4"):
+        raise UsageError(f"--time-signature must be 3/4 or 4/4, got {args.time_signature}")
+    if args.tempo is not None and not 20 <= args.tempo <= 400:
+        raise UsageError(f"--tempo must be a number of BPM between 20 and 400, got {args.tempo}")
+    if {"pdf", "png"} & set(formats):
+        from sound2sheet.sheet import ScoreError, lilypond_tools
+
+        try:
+            lilypond_tools()
+        except ScoreError as err:
+            raise UsageError(str(err)) from None
+    score_options = {"tempo": args.tempo, "time_signature": args.time_signature}
     from sound2sheet.processing_sound2sheet import strategy_generate_kwargs
 
     try:
@@ -167,7 +189,7 @@ def run_transcribe(argv: List[str]) -> int:
             notes = processor.transcribe(
                 audio_path, model, batch_size=args.batch_size, bf16=args.bf16, progress=True, **generate_kwargs
             )
-            written = write_outputs(notes, audio_path, stem, output_dir, formats, args.model)
+            written = write_outputs(notes, audio_path, stem, output_dir, formats, args.model, score_options)
         except (ValueError, OSError, RuntimeError) as err:
             failures += 1
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -33,6 +33,26 @@ def test_writes_midi_and_json_named_after_the_audio(run_transcription, capsys, t
     assert f"{audio_files['flac']}: {len(midi_notes)} notes" in out
 
 
+def test_musicxml_output(run_transcription, capsys, tiny_model_dir, audio_files, tmp_path):
+    import music21
+
+    code, _, err = transcribe(run_transcription, capsys, audio_files["flac"], "--output-dir", tmp_path, "--model", tiny_model_dir,
+                              "--format", "musicxml,midi", "--tempo", "100")
+    assert code == 0, err
+    score = music21.converter.parse(str(tmp_path / "piece.musicxml"))
+    midi_pitches = sorted(n.pitch for n in read_midi(tmp_path / "piece.mid"))
+    assert sorted(p.midi for n in score.recurse().notes for p in n.pitches if not (n.tie and n.tie.type != "start")) == midi_pitches
+
+
+def test_pdf_without_lilypond_names_the_package(run_transcription, capsys, tiny_model_dir, audio_files, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    code, _, err = transcribe(run_transcription, capsys, audio_files["wav"], "--output-dir", tmp_path, "--model", tiny_model_dir, "--format", "pdf")
+    assert code == 2
+    assert err.strip() == "error: PDF and PNG scores need LilyPond: install the Debian package 'lilypond' (apt-get install lilypond)"
+
+
 @pytest.mark.parametrize(
     "options",
     [["--strategy", "beam", "--num-beams", "2"], ["--strategy", "sample", "--top-k", "5", "--temperature", "0.9", "--top-p", "0.95"]],
@@ -81,7 +101,8 @@ def test_same_stem_inputs_do_not_overwrite_each_other(run_transcription):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--format", "midi,mp3"], "error: unknown --format 'mp3'; choose from midi, json"),
+        (["--format", "midi,mp3"], "error: unknown --format 'mp3'; choose from midi, json, musicxml, pdf, png"),
+        (["--time-signature", "5/8"], "error: --time-signature must be 3/4 or 4/4, got 5/8"),
         (["--strategy", "greedy", "--temperature", "0.5"], "error: temperature only apply to --strategy sample, not 'greedy'."),
         (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
         (["--model", "/no/such/model"], "error: --model /no/such/model: no such model folder"),

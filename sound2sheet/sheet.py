@@ -1,0 +1,341 @@
+"""From transcribed notes (seconds) to a readable two-staff piano score: MusicXML, and PDF/PNG through LilyPond.
+
+The steps, each replaceable by a user's choice:
+
+1. the beat: tempo and the first beat from the note onsets (`estimate_beat`), or `tempo=` given;
+2. quantization of onsets and lengths to a grid of 16ths and 8th-note triplets (whichever is nearer per note);
+3. the hands: a split point that follows the music (`split_hands`), not a fixed middle C;
+4. the score (music21): treble and bass staves in a piano brace, measures with ties across barlines and rests
+   (music21's `makeNotation`), the key signature (Krumhansl-Schmuckler analysis), the time signature (given, or 3/4 vs
+   4/4 from accent periodicity), a tempo mark, and dynamics (pp ... ff) where the loudness level changes.
+
+This module imports only `sound2sheet.notes` from the package.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .notes import Note, sort_notes
+
+TEMPO_RANGE = (40.0, 208.0)  # BPM a metronome covers
+GRID = (0.25, 1 / 3)  # 16th notes and 8th-note triplets, in quarter notes
+MIN_LENGTH = 0.25  # shortest written note, in quarter notes
+DYNAMICS = ((0, "pp"), (40, "p"), (56, "mp"), (72, "mf"), (88, "f"), (104, "ff"))  # velocity thresholds
+LILYPOND_PACKAGE = "lilypond"
+
+
+class ScoreError(RuntimeError):
+    """A score could not be written or rendered; the message names the file (or the missing tool)."""
+
+
+@dataclass
+class Beat:
+    """A steady beat: `tempo` quarter notes per minute, the first beat at `offset` seconds."""
+
+    tempo: float
+    offset: float
+
+    @property
+    def seconds_per_beat(self) -> float:
+        return 60.0 / self.tempo
+
+    def to_beats(self, seconds: float) -> float:
+        return (seconds - self.offset) / self.seconds_per_beat
+
+
+def _grid_fit(onsets: np.ndarray, period: float, tolerance: float = 0.025) -> Tuple[float, float]:
+    """(score, phase) of the 16th-note grid of this beat period: the share of onsets within `tolerance` s of it, less
+    a small penalty for the mean distance; the phase (within one 16th) is searched. (Triplets join only at
+    quantization: the union of both grids is so dense that almost any tempo would fit it.)"""
+    best = (-np.inf, 0.0)
+    sixteenth = period * 0.25
+    for phase in np.linspace(0.0, sixteenth, 24, endpoint=False):
+        positions = (onsets - onsets[0] - phase) / sixteenth
+        error = np.abs(positions - np.round(positions)) * sixteenth
+        score = float(np.mean(error <= tolerance)) - 0.1 * float(np.mean(error)) / tolerance
+        if score > best[0] + 1e-9:
+            best = (score, phase)
+    return best
+
+
+def _beat_phase(onsets: np.ndarray, weights: np.ndarray, period: float, phase: float) -> float:
+    """Of the four 16th-shifted grids, the one whose beats carry the most weight (long notes fall on beats);
+    ties go to the grid with the first onset on a beat."""
+    best_shift, best_weight = 0, -1.0
+    for shift in range(4):
+        positions = (onsets - onsets[0] - phase - shift * period / 4) / period
+        on_beat = np.abs(positions - np.round(positions)) < 0.1
+        weight = float(np.sum(weights[on_beat]))
+        if weight > best_weight * 1.05:
+            best_shift, best_weight = shift, weight
+    return phase + best_shift * period / 4
+
+
+def _chord_onsets(notes: Sequence[Note], spread: float = 0.035) -> Tuple[np.ndarray, np.ndarray]:
+    """(onset times, weights): near-simultaneous onsets (a chord played with a little spread) merged into their mean,
+    each weighted by its notes' total length (capped at 2 s)."""
+    ordered = sorted(notes, key=lambda n: n.onset)
+    groups, weights = [[ordered[0].onset]], [min(ordered[0].duration, 2.0)]
+    for note in ordered[1:]:
+        if note.onset - groups[-1][0] <= spread:
+            groups[-1].append(note.onset)
+            weights[-1] += min(note.duration, 2.0)
+        else:
+            groups.append([note.onset])
+            weights.append(min(note.duration, 2.0))
+    return np.array([np.mean(g) for g in groups]), np.array(weights)
+
+
+def estimate_beat(notes: Sequence[Note]) -> Beat:
+    """The steady tempo and first beat that best explain the onsets.
+
+    Chords are merged into one onset; candidate beat periods come from the inter-onset intervals (each interval read as
+    1/4 .. 2 beats); every candidate is scored by how many onsets fall on its 16th-note grid (25 ms tolerance), with a
+    mild preference for tempi near 100 BPM between a tempo and its doubles and halves; the winner is refined by a
+    least-squares fit.
+    """
+    if not notes:
+        return Beat(120.0, 0.0)
+    onsets, weights = _chord_onsets(notes)
+    if len(onsets) < 2:
+        return Beat(120.0, float(onsets[0]))
+    intervals = np.diff(onsets)
+    intervals = intervals[intervals > 0.05]
+    candidates = set()
+    for interval in np.unique(np.round(intervals, 3))[:200]:
+        for beats in (0.25, 0.5, 1.0, 1.5, 2.0):
+            tempo = 60.0 * beats / interval
+            if TEMPO_RANGE[0] <= tempo <= TEMPO_RANGE[1]:
+                candidates.add(round(tempo, 1))
+    if not candidates:
+        return Beat(120.0, float(onsets[0]))
+    # Tempi read off single (jittered) intervals are a little off, and over a long piece a small error drifts off
+    # the grid: refine the promising candidates by least squares before comparing them.
+    rough = sorted(candidates, key=lambda t: _grid_fit(onsets, 60.0 / t)[0], reverse=True)[:16]
+    refined = {}
+    for tempo in rough:
+        beat = refine_beat(onsets, Beat(tempo, float(onsets[0] + _grid_fit(onsets, 60.0 / tempo)[1])))
+        if TEMPO_RANGE[0] <= beat.tempo <= TEMPO_RANGE[1]:
+            refined[round(beat.tempo, 2)] = _grid_fit(onsets, beat.seconds_per_beat)
+    if not refined:
+        return Beat(120.0, float(onsets[0]))
+    best_fit = max(score for score, _ in refined.values())
+    # near-equal fits (a tempo, its doubles and halves): the one nearest 100 BPM
+    tempo = min((t for t, (score, _) in refined.items() if score >= best_fit - 0.02), key=lambda t: abs(np.log2(t / 100.0)))
+    period = 60.0 / tempo
+    phase = _beat_phase(onsets, weights, period, refined[tempo][1])
+    return refine_beat(onsets, Beat(tempo, float(onsets[0] + phase)))
+
+
+def refine_beat(onsets: np.ndarray, beat: Beat, rounds: int = 3) -> Beat:
+    """Least-squares fit of tempo and first beat to the onsets' grid positions: exact for a steady tempo, and it
+    removes the rounding of the candidate tempi (an error that would otherwise accumulate over a long piece)."""
+    for _ in range(rounds):
+        positions = np.array([quantize(beat.to_beats(t)) for t in onsets])
+        if np.ptp(positions) <= 0:
+            return beat
+        design = np.stack([np.ones_like(positions), positions], axis=1)
+        (offset, seconds_per_beat), *_ = np.linalg.lstsq(design, onsets, rcond=None)
+        if seconds_per_beat <= 0:
+            return beat
+        beat = Beat(60.0 / float(seconds_per_beat), float(offset))
+    return beat
+
+
+def quantize(value: float) -> float:
+    """Nearest point of the 16th / 8th-triplet grid, in quarter notes (16ths win near-ties)."""
+    candidates = [round(value / g) * g for g in GRID]
+    errors = [abs(c - value) for c in candidates]
+    return float(candidates[0] if errors[0] <= errors[1] + 1e-3 else candidates[1])
+
+
+HAND_SPAN = 14  # semitones one hand comfortably covers (a ninth); wider chords cost more
+EMPTY_HAND_COST = 7.0  # semitones: what leaving one hand idle costs, against moving it that far
+
+
+def split_hands(notes: Sequence[Note]) -> List[bool]:
+    """For each note (in the given order), True if the right hand plays it.
+
+    Each chord (notes starting together) is split where it costs least: the distance each hand moves from where it
+    last was (its lowest / highest note), plus a cost for a hand spanning more than a ninth and for leaving a hand
+    idle. A melody that dips below middle C stays in the treble, a bass line that climbs stays in the bass.
+    """
+    groups: dict = {}
+    for index, note in enumerate(notes):
+        groups.setdefault(round(note.onset, 2), []).append(index)
+    assignment = [False] * len(notes)
+    right_hand, left_hand = 67.0, 48.0  # G4 and C3: where the hands start
+    for onset in sorted(groups):
+        members = sorted(groups[onset], key=lambda i: notes[i].pitch)
+        pitches = [notes[i].pitch for i in members]
+
+        def cost(k: int) -> float:
+            left, right = pitches[:k], pitches[k:]
+            total = 0.0
+            for hand, position, edge in ((left, left_hand, max), (right, right_hand, min)):
+                if hand:
+                    total += abs(edge(hand) - position) + 2.0 * max(0, hand[-1] - hand[0] - HAND_SPAN)
+                else:
+                    total += EMPTY_HAND_COST
+            return total
+
+        split = min(range(len(pitches) + 1), key=cost)
+        for k, index in enumerate(members):
+            assignment[index] = k >= split
+        if split < len(pitches):
+            right_hand = 0.5 * right_hand + 0.5 * pitches[split]
+        if split > 0:
+            left_hand = 0.5 * left_hand + 0.5 * pitches[split - 1]
+    return assignment
+
+
+def estimate_meter(beat_onsets: Sequence[float], weights: Sequence[float]) -> str:
+    """'3/4' or '4/4': which bar length puts more accent on its downbeats. An onset's accent is its weight (pass
+    velocity x length: loud and long notes fall on strong beats); onsets off the beat are ignored."""
+    strong: dict = {3: 0.0, 4: 0.0}
+    total = 0.0
+    for position, weight in zip(beat_onsets, weights):
+        if abs(position - round(position)) > 1e-6:
+            continue
+        total += weight
+        for bar in (3, 4):
+            if round(position) % bar == 0:
+                strong[bar] += weight
+    if total == 0:
+        return "4/4"
+    # a bar of n beats puts 1/n of evenly spread accents on its downbeats: compare the excess over that
+    return "3/4" if strong[3] / total - 1 / 3 > 1.05 * (strong[4] / total - 1 / 4) else "4/4"
+
+
+def _dynamic(velocity: float) -> str:
+    mark = DYNAMICS[0][1]
+    for threshold, name in DYNAMICS:
+        if velocity >= threshold:
+            mark = name
+    return mark
+
+
+def notes_to_score(
+    notes: Sequence[Note],
+    tempo: Optional[float] = None,
+    time_signature: Optional[str] = None,
+    key: Optional[str] = None,
+    title: Optional[str] = None,
+):
+    """A quantized two-staff piano `music21.stream.Score` of the notes (see the module docstring)."""
+    import music21
+    from music21 import chord, clef, dynamics, layout, meter, note, stream, tempo as m21tempo
+
+    notes = sort_notes(notes)
+    beat = estimate_beat(notes)
+    if tempo is not None:
+        if not 20 <= tempo <= 400:
+            raise ValueError(f"tempo must be a positive number of BPM (20-400), got {tempo}")
+        beat = Beat(float(tempo), notes[0].onset if notes else 0.0)
+    placed = []
+    for n in notes:
+        onset = quantize(beat.to_beats(n.onset))
+        end = quantize(beat.to_beats(n.offset))
+        placed.append((onset, max(MIN_LENGTH, end - onset), n))
+    shift = min((p[0] for p in placed), default=0.0)
+    placed = [(onset - shift, length, n) for onset, length, n in placed]
+    if time_signature is None:
+        time_signature = estimate_meter([p[0] for p in placed], [p[2].velocity * min(p[1], 4.0) for p in placed])
+    right = split_hands([p[2] for p in placed])
+
+    def part_for(hand_is_right: bool, name: str):
+        part = stream.PartStaff(id=name)
+        part.append(clef.TrebleClef() if hand_is_right else clef.BassClef())
+        part.append(meter.TimeSignature(time_signature))
+        chords: dict = {}
+        for (onset, length, n), is_right in zip(placed, right):
+            if is_right == hand_is_right:
+                chords.setdefault((onset, length), []).append(n)
+        for (onset, length), members in sorted(chords.items()):
+            pitches = sorted({m.pitch for m in members})
+            element = note.Note(pitches[0]) if len(pitches) == 1 else chord.Chord(pitches)
+            element.quarterLength = length
+            element.volume.velocity = int(np.mean([m.velocity for m in members]))
+            part.insert(onset, element)
+        return part
+
+    treble, bass = part_for(True, "right hand"), part_for(False, "left hand")
+    if not notes:  # nothing was heard: one bar of rest
+        for part in (treble, bass):
+            part.insert(0, note.Rest(quarterLength=meter.TimeSignature(time_signature).barDuration.quarterLength))
+    score = stream.Score()
+    score.insert(0, music21.metadata.Metadata(title=title or "Transcription"))
+    for part in (treble, bass):
+        score.insert(0, part)
+    score.insert(0, layout.StaffGroup([treble, bass], name="Piano", abbreviation="Pno.", symbol="brace"))
+    analysed = music21.key.Key(key or "C") if key is not None or not notes else score.analyze("key")
+    for part in (treble, bass):
+        part.insert(0, analysed.asKey() if hasattr(analysed, "asKey") else analysed)
+    treble.insert(0, m21tempo.MetronomeMark(number=round(beat.tempo)))
+    level = None
+    for (onset, _, n), is_right in zip(placed, right):
+        mark = _dynamic(n.velocity)
+        if mark != level and (level is None or abs(DYNAMICS[[d[1] for d in DYNAMICS].index(mark)][0] - n.velocity) < 12):
+            treble.insert(onset, dynamics.Dynamic(mark))
+            level = mark
+    for part in (treble, bass):
+        part.makeNotation(inPlace=True)
+    return score
+
+
+def write_musicxml(notes: Sequence[Note], path: str | os.PathLike, **options) -> Path:
+    """Write the score of `notes` as MusicXML, whole or not at all; options as `notes_to_score`."""
+    path = Path(path)
+    score = notes_to_score(notes, **options)
+    tmp = path.with_name(path.name + ".partial.musicxml")
+    try:
+        written = Path(score.write("musicxml", fp=str(tmp)))
+        os.replace(written, path)
+    except OSError as err:
+        raise ScoreError(f"{path}: cannot write MusicXML ({err.strerror or err})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def lilypond_tools() -> Tuple[str, str]:
+    """(musicxml2ly, lilypond) paths, or a ScoreError saying which package to install."""
+    converter, engraver = shutil.which("musicxml2ly"), shutil.which("lilypond")
+    if converter is None or engraver is None:
+        raise ScoreError(f"PDF and PNG scores need LilyPond: install the Debian package '{LILYPOND_PACKAGE}' (apt-get install {LILYPOND_PACKAGE})")
+    return converter, engraver
+
+
+def render_score(notes: Sequence[Note], path: str | os.PathLike, fmt: str = "pdf", **options) -> Path:
+    """Engrave the score of `notes` to PDF or PNG with LilyPond (musicxml2ly, then lilypond)."""
+    if fmt not in ("pdf", "png"):
+        raise ValueError(f"fmt must be 'pdf' or 'png', got {fmt!r}")
+    path = Path(path)
+    converter, engraver = lilypond_tools()
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = write_musicxml(notes, Path(tmp) / "score.musicxml", **options)
+        ly = Path(tmp) / "score.ly"
+        for command in ([converter, "--output", str(ly), str(xml)],
+                        [engraver, f"--{fmt}" if fmt == "pdf" else "--png", "-dno-point-and-click", "-o", str(Path(tmp) / "score"), str(ly)]):
+            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            if result.returncode != 0:
+                raise ScoreError(f"{path}: {Path(command[0]).name} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        produced = sorted(Path(tmp).glob(f"score*.{fmt}"))
+        if not produced:
+            raise ScoreError(f"{path}: LilyPond wrote no {fmt.upper()} file")
+        shutil.move(str(produced[0]), path)
+    return path
+
+
+__all__ = ["Beat", "ScoreError", "estimate_beat", "estimate_meter", "quantize", "split_hands", "notes_to_score",
+           "write_musicxml", "render_score", "lilypond_tools"]
