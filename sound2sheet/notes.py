@@ -95,17 +95,21 @@ def _release_time(key_release: float, pedal: Sequence[tuple]) -> float:
 def apply_sustain_pedal(raw_notes: Sequence[tuple], pedal: Sequence[tuple]) -> List[Note]:
     """Extend `(onset, key_release, pitch, velocity)` tuples through the pedal, cut at the next same-pitch onset.
 
-    Notes struck twice at the same time on the same pitch are merged (the louder one is kept).
+    Notes struck twice at the same time on the same pitch are merged into one (the louder velocity, the later release).
     """
     by_pitch: dict = {}
     for onset, release, pitch, velocity in raw_notes:
         by_pitch.setdefault(int(pitch), []).append((float(onset), float(release), int(velocity)))
     notes = []
-    for pitch, items in by_pitch.items():
-        items.sort()
+    for pitch, strikes in by_pitch.items():
+        strikes.sort()
+        items = [strikes[0]]
+        for onset, release, velocity in strikes[1:]:
+            if onset - items[-1][0] < MIN_NOTE_DURATION:  # a duplicate strike
+                items[-1] = (items[-1][0], max(items[-1][1], release), max(items[-1][2], velocity))
+            else:
+                items.append((onset, release, velocity))
         for i, (onset, release, velocity) in enumerate(items):
-            if i + 1 < len(items) and items[i + 1][0] - onset < MIN_NOTE_DURATION:
-                continue  # a duplicate strike: the next item (same onset) stands for both
             offset = _release_time(release, pedal)
             if i + 1 < len(items):
                 offset = min(offset, items[i + 1][0])
