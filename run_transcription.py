@@ -20,8 +20,8 @@ from typing import List, Optional
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_DIR / "models" / "sound2sheet-tiny-random"  # until the trained default model ships
 SUBCOMMANDS = ("train", "evaluate", "transcribe")
-OUTPUT_FORMATS = ("midi", "json", "musicxml", "pdf", "png")
-FORMAT_SUFFIX = {"midi": ".mid", "json": ".json", "musicxml": ".musicxml", "pdf": ".pdf", "png": ".png"}
+OUTPUT_FORMATS = ("midi", "json", "musicxml", "pdf", "png", "pianoroll")
+FORMAT_SUFFIX = {"midi": ".mid", "json": ".json", "musicxml": ".musicxml", "pdf": ".pdf", "png": ".png", "pianoroll": ".pianoroll.png"}
 
 logger = logging.getLogger("run_transcription")
 
@@ -137,6 +137,10 @@ def write_outputs(notes, audio_path: str, stem: str, output_dir: Path, formats: 
             from sound2sheet.sheet import write_musicxml
 
             write_musicxml(notes, path, title=stem, **score_options)
+        elif fmt == "pianoroll":
+            from sound2sheet.pianoroll import plot_pianoroll
+
+            plot_pianoroll(notes, path, title=stem)
         else:
             from sound2sheet.sheet import render_score
 
@@ -367,6 +371,12 @@ def build_model_and_processor(model_args: ModelArguments):
     return model, processor
 
 
+def tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
 def load_split_pieces(manifest_dir: str, split: str, cache_dir: Optional[str] = None):
     """(audio path, duration, notes) of every piece of a split, through the datasets builder."""
     from sound2sheet.data import ManifestError, load_manifest_dataset, pieces_from_dataset
@@ -454,6 +464,8 @@ def run_train(argv: List[str]) -> int:
         training_args.greater_is_better = True
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+    if not any(arg.partition("=")[0] in ("--report_to", "--report-to") for arg in argv) and tensorboard_installed():
+        training_args.report_to = ["tensorboard"]  # log to TensorBoard when it is installed, unless told otherwise
     callbacks: List = [TrainingHistoryCallback(), DatasetEpochCallback(train_dataset)]
     if data_args.early_stopping_patience is not None:
         if not training_args.load_best_model_at_end:
@@ -518,6 +530,7 @@ class EvaluateArguments:
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
     max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces."})
     token_accuracy: bool = field(default=True, metadata={"help": "Also compute teacher-forced loss and token accuracy."})
+    plots: bool = field(default=False, metadata={"help": "Write a prediction-over-reference piano roll PNG per piece."})
 
 
 def teacher_forced_scores(model, dataset, batch_size: int) -> dict:
@@ -560,6 +573,8 @@ def run_evaluate(argv: List[str]) -> int:
     model, processor = load_transcriber(args.model_name_or_path)
     examples = list(dataset)[: args.max_pieces] if args.max_pieces else list(dataset)
     output_dir = Path(args.output_dir) if args.output_dir else None
+    if args.plots and not output_dir:
+        raise UsageError("--plots needs --output_dir")
     if output_dir:
         output_dir.mkdir(parents=True, exist_ok=True)
     per_piece = []
@@ -569,6 +584,11 @@ def run_evaluate(argv: List[str]) -> int:
         scores = note_metrics(reference, prediction)
         per_piece.append({"id": example["id"], "audio_path": example["audio_path"], "reference_notes": len(reference),
                           "predicted_notes": len(prediction), **scores})
+        if output_dir and args.plots:
+            from sound2sheet.pianoroll import plot_comparison
+
+            plot_comparison(reference, prediction, output_dir / f"{output_stems([example['id']])[0]}.comparison.png",
+                            title=f"{example['id']}: onset F1 {scores['onset_f1']:.3f}")
     report = {"model": args.model_name_or_path, "manifest_dir": os.path.abspath(args.manifest_dir), "split": args.split,
               "pieces": len(per_piece), "decoding": generate_kwargs,
               "metrics": mean_metrics([{k: p[k] for k in p if k not in ("id", "audio_path", "reference_notes", "predicted_notes")} for p in per_piece])}

@@ -44,6 +44,15 @@ def test_musicxml_output(run_transcription, capsys, tiny_model_dir, audio_files,
     assert sorted(p.midi for n in score.recurse().notes for p in n.pitches if not (n.tie and n.tie.type != "start")) == midi_pitches
 
 
+def test_pianoroll_output(run_transcription, capsys, tiny_model_dir, audio_files, tmp_path):
+    from matplotlib import image
+
+    code, _, err = transcribe(run_transcription, capsys, audio_files["wav"], "--output-dir", tmp_path, "--model", tiny_model_dir,
+                              "--format", "pianoroll")
+    assert code == 0, err
+    assert image.imread(tmp_path / "short.pianoroll.png").shape[:2] == (600, 1200)
+
+
 def test_pdf_without_lilypond_names_the_package(run_transcription, capsys, tiny_model_dir, audio_files, tmp_path, monkeypatch):
     import shutil
 
@@ -101,7 +110,7 @@ def test_same_stem_inputs_do_not_overwrite_each_other(run_transcription):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--format", "midi,mp3"], "error: unknown --format 'mp3'; choose from midi, json, musicxml, pdf, png"),
+        (["--format", "midi,mp3"], "error: unknown --format 'mp3'; choose from midi, json, musicxml, pdf, png, pianoroll"),
         (["--time-signature", "5/8"], "error: --time-signature must be 3/4 or 4/4, got 5/8"),
         (["--strategy", "greedy", "--temperature", "0.5"], "error: temperature only apply to --strategy sample, not 'greedy'."),
         (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
