@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-import numpy as np
 
 from .notes import Note, notes_to_arrays, sort_notes
 
