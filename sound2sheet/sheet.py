@@ -199,21 +199,26 @@ def split_hands(notes: Sequence[Note]) -> List[bool]:
 
 
 def estimate_meter(beat_onsets: Sequence[float], weights: Sequence[float]) -> str:
-    """'3/4' or '4/4': which bar length puts more accent on its downbeats. An onset's accent is its weight (pass
-    velocity x length: loud and long notes fall on strong beats); onsets off the beat are ignored."""
-    strong: dict = {3: 0.0, 4: 0.0}
-    total = 0.0
+    """'3/4' or '4/4': the bar length whose downbeats carry more accent, per downbeat, relative to its other beats.
+
+    An onset's accent is its weight (pass velocity x length: loud and long notes fall on strong beats); every beat
+    position counts, with the weight of the onsets on it (zero for a beat with none); onsets off the beat are ignored.
+    """
+    accents: dict = {}
     for position, weight in zip(beat_onsets, weights):
-        if abs(position - round(position)) > 1e-6:
-            continue
-        total += weight
-        for bar in (3, 4):
-            if round(position) % bar == 0:
-                strong[bar] += weight
-    if total == 0:
+        if abs(position - round(position)) <= 1e-6:
+            accents[int(round(position))] = accents.get(int(round(position)), 0.0) + weight
+    if not accents:
         return "4/4"
-    # a bar of n beats puts 1/n of evenly spread accents on its downbeats: compare the excess over that
-    return "3/4" if strong[3] / total - 1 / 3 > 1.05 * (strong[4] / total - 1 / 4) else "4/4"
+    beats = np.arange(0, max(accents) + 1)
+    values = np.array([accents.get(int(b), 0.0) for b in beats])
+
+    def contrast(bar: int) -> float:
+        down = values[beats % bar == 0]
+        other = values[beats % bar != 0]
+        return float(down.mean() / (other.mean() + 1e-9)) if len(other) else 1.0
+
+    return "3/4" if contrast(3) > 1.1 * contrast(4) else "4/4"
 
 
 def _dynamic(velocity: float) -> str:
