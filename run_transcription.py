@@ -51,6 +51,7 @@ class TranscribeArguments:
     format: str = field(default="midi,json", metadata={"help": f"Comma-separated outputs among {', '.join(OUTPUT_FORMATS)}."})
     batch_size: int = field(default=8, metadata={"help": "Windows decoded together (memory grows with it)."})
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})
     bf16: bool = field(default=False, metadata={"help": "Run the model under bfloat16 autocast on CPU."})
     tempo: Optional[float] = field(default=None, metadata={"help": "Score tempo in BPM (musicxml/pdf/png; default: estimated)."})
     time_signature: Optional[str] = field(default=None, metadata={"help": "Score time signature, 3/4 or 4/4 (default: estimated)."})
@@ -101,14 +102,15 @@ def output_stems(audio_paths: List[str]) -> List[str]:
     return stems
 
 
-def load_transcriber(model_path: str):
-    """(model, processor) from a Sound2Sheet folder or Hub id, with a clear error when it cannot be loaded."""
+def load_transcriber(model_path: str, allow_pickle: bool = False):
+    """(model, processor) from a Sound2Sheet folder or Hub id, with a clear error when it cannot be loaded.
+    Weights are read from safetensors; pickled weights only with `allow_pickle` (then with weights_only=True)."""
     from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor
 
     if os.path.sep in model_path and not os.path.isdir(model_path):
         raise UsageError(f"--model {model_path}: no such model folder")
     try:
-        model = Sound2SheetForConditionalGeneration.from_pretrained(model_path, use_safetensors=True).eval()
+        model = Sound2SheetForConditionalGeneration.from_pretrained(model_path, allow_pickle=allow_pickle).eval()
         processor = Sound2SheetProcessor.from_pretrained(model_path)
     except (OSError, ValueError) as err:
         raise UsageError(f"--model {model_path}: cannot load a Sound2Sheet model ({str(err).splitlines()[0]})") from None
@@ -183,7 +185,7 @@ def run_transcribe(argv: List[str]) -> int:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    model, processor = load_transcriber(args.model)
+    model, processor = load_transcriber(args.model, args.allow_pickle)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -236,6 +238,7 @@ class ModelArguments:
                   "MIT/ast-finetuned-audioset-10-10-0.4593; its width/depth replace the encoder_* sizes."},
     )
     freeze_encoder: bool = field(default=False, metadata={"help": "Do not train the AST encoder."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Accept a starting model with pickled weights (.bin), loaded with weights_only=True."})
     max_target_length: int = field(default=1024, metadata={"help": "Longest token sequence per window."})
 
 
@@ -336,7 +339,7 @@ def build_model_and_processor(model_args: ModelArguments):
     )
 
     if model_args.model_name_or_path:
-        model, processor = load_transcriber(model_args.model_name_or_path)
+        model, processor = load_transcriber(model_args.model_name_or_path, model_args.allow_pickle)
         if model_args.freeze_encoder:
             model.freeze_encoder()
         return model.train(), processor
@@ -390,11 +393,12 @@ def load_split_pieces(manifest_dir: str, split: str, cache_dir: Optional[str] = 
 def run_train(argv: List[str]) -> int:
     import torch
     import transformers
-    from transformers import EarlyStoppingCallback, Seq2SeqTrainer, set_seed
+    from transformers import EarlyStoppingCallback, set_seed
 
     from sound2sheet.data import Augmentation, Sound2SheetDataCollator, WindowDataset, check_dataset
     from sound2sheet.training import (
         DatasetEpochCallback,
+        Sound2SheetTrainer,
         TrainingHistoryCallback,
         build_compute_metrics,
         last_complete_checkpoint,
@@ -471,7 +475,7 @@ def run_train(argv: List[str]) -> int:
         if not training_args.load_best_model_at_end:
             raise UsageError("--early_stopping_patience needs --load_best_model_at_end (with matching eval/save strategies)")
         callbacks.append(EarlyStoppingCallback(data_args.early_stopping_patience, data_args.early_stopping_threshold))
-    trainer = Seq2SeqTrainer(
+    trainer = Sound2SheetTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -529,6 +533,7 @@ class EvaluateArguments:
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on CPU."})
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
     max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})
     token_accuracy: bool = field(default=True, metadata={"help": "Also compute teacher-forced loss and token accuracy."})
     plots: bool = field(default=False, metadata={"help": "Write a prediction-over-reference piano roll PNG per piece."})
 
@@ -570,7 +575,7 @@ def run_evaluate(argv: List[str]) -> int:
         raise UsageError(str(err)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = load_transcriber(args.model_name_or_path)
+    model, processor = load_transcriber(args.model_name_or_path, args.allow_pickle)
     examples = list(dataset)[: args.max_pieces] if args.max_pieces else list(dataset)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.plots and not output_dir:
@@ -623,6 +628,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     runners = {"transcribe": run_transcribe, "train": run_train, "evaluate": run_evaluate}
+    from sound2sheet.training import NonFiniteLossError
+
     try:
         if command not in runners:
             raise UsageError(f"unknown subcommand {command!r}; choose one of {', '.join(SUBCOMMANDS)}")
@@ -630,6 +637,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

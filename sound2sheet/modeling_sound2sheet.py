@@ -11,6 +11,7 @@ self-attention keys/values grow by one token per step and cross-attention keys/v
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -29,6 +30,7 @@ from transformers.modeling_outputs import (
 from .configuration_sound2sheet import Sound2SheetConfig, encoder_patch_grid
 
 AST_SPECIAL_TOKENS = 2  # the CLS and distillation tokens AST puts before its patch tokens
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # weight files torch.load would unpickle
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -156,6 +158,30 @@ class Sound2SheetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, **kwargs):
+        """Load as `PreTrainedModel.from_pretrained`, from safetensors only unless `allow_pickle=True`.
+
+        Pickled weights (`pytorch_model.bin`, `.pt`) can run arbitrary code when loaded; a checkpoint from elsewhere
+        that has only those is refused unless `allow_pickle=True`, and then loaded with `torch.load(weights_only=True)`.
+        """
+        if not allow_pickle:
+            if kwargs.get("use_safetensors") is False:
+                raise ValueError("use_safetensors=False loads pickled weights, which can run code: pass allow_pickle=True to accept that.")
+            kwargs["use_safetensors"] = True
+        kwargs.setdefault("weights_only", True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as err:
+            folder = Path(os.fspath(pretrained_model_name_or_path))
+            pickled = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+            if pickled and not allow_pickle:
+                raise OSError(
+                    f"{folder}: has only pickled weights ({', '.join(pickled)}), which can run code when loaded; "
+                    "pass allow_pickle=True (run_transcription.py: --allow-pickle) to load them with weights_only=True."
+                ) from err
+            raise
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, save_original_format: bool = False, **kwargs):
         """Save as `PreTrainedModel.save_pretrained`, but keep the weight names the model uses.

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from transformers import TrainerCallback
+import torch
+from transformers import Seq2SeqTrainer, TrainerCallback
 
 HISTORY_FILENAME = "training_history.json"
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "TEMPLATE.md"
@@ -141,6 +142,25 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> Optional[str]:
     return None
 
 
+class NonFiniteLossError(RuntimeError):
+    """A training step produced a NaN or infinite loss; training stopped before it could change the weights."""
+
+
+class Sound2SheetTrainer(Seq2SeqTrainer):
+    """`Seq2SeqTrainer` that stops at a non-finite loss before the optimizer step, so the weights (and every
+    checkpoint already written) stay as they were instead of being silently poisoned."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"training loss became {float(loss.detach().float().mean())} at step {self.state.global_step + 1}; stopped before "
+                f"the optimizer step, so the weights were not changed by it and the checkpoints in {self.args.output_dir} are "
+                "intact (try a lower --learning_rate, --max_grad_norm, or --bf16 instead of --fp16, and check the data)"
+            )
+        return loss
+
+
 class DatasetEpochCallback(TrainerCallback):
     """Tells a dataset with `set_epoch` (the training windows) which epoch starts, so each epoch draws new windows.
 
@@ -233,6 +253,8 @@ def write_model_card(output_dir: str | os.PathLike, *, model_name: str, results:
 __all__ = [
     "TrainingHistoryCallback",
     "DatasetEpochCallback",
+    "Sound2SheetTrainer",
+    "NonFiniteLossError",
     "build_compute_metrics",
     "token_accuracy",
     "write_model_card",

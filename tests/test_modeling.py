@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -278,6 +279,54 @@ def test_lm_head_is_tied_and_counted_once(model):
 
 
 # --- saving and loading ------------------------------------------------------------------------------------------
+
+
+def save_pickled(model, folder: Path) -> Path:
+    """A checkpoint as older tools write it: config.json and a pickled pytorch_model.bin, no safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "the pickle ran code"))
+
+
+def test_pickled_weights_are_refused_unless_allowed(model, tmp_path):
+    folder = save_pickled(model, tmp_path / "old")
+    with pytest.raises(OSError) as refused:
+        Sound2SheetForConditionalGeneration.from_pretrained(folder)
+    assert str(refused.value).startswith(f"{folder}: has only pickled weights (pytorch_model.bin), which can run code when loaded; ")
+    assert "allow_pickle=True" in str(refused.value)
+    with pytest.raises(ValueError, match="use_safetensors=False loads pickled weights"):
+        Sound2SheetForConditionalGeneration.from_pretrained(folder, use_safetensors=False)
+    loaded = Sound2SheetForConditionalGeneration.from_pretrained(folder, allow_pickle=True)
+    assert_same_tensors(model.state_dict(), loaded.state_dict())
+
+
+def test_allowed_pickles_still_cannot_run_code(model, tmp_path):
+    folder = save_pickled(model, tmp_path / "evil")
+    marker = tmp_path / "pwned.txt"
+    state = dict(model.state_dict())
+    state["payload"] = _RunsCodeWhenUnpickled(marker)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        Sound2SheetForConditionalGeneration.from_pretrained(folder, allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_cli_refuses_pickled_weights_with_one_line(run_transcription, model, tmp_path, audio_files, capsys):
+    folder = save_pickled(model, tmp_path / "old")
+    code = run_transcription.main(["transcribe", str(audio_files["wav"]), "--model", str(folder), "--output_dir", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --model {folder}: cannot load a Sound2Sheet model ({folder}: has only pickled weights")
+    assert "\n" not in err
 
 
 def test_save_and_load_restore_every_tensor(model, tmp_path):

@@ -160,6 +160,30 @@ def test_two_processes_match_one_on_the_same_global_batch(dataset, tmp_path):
     assert two == pytest.approx(one, rel=0.05)
 
 
+def test_a_non_finite_loss_stops_training_before_it_touches_the_weights(run_transcription, dataset, tmp_path, capsys, monkeypatch):
+    from sound2sheet import Sound2SheetForConditionalGeneration
+
+    forward, calls = Sound2SheetForConditionalGeneration.forward, []
+
+    def nan_from_the_third_step(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        calls.append(1)
+        if self.training and len(calls) >= 3:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(Sound2SheetForConditionalGeneration, "forward", nan_from_the_third_step)
+    out = tmp_path / "run"
+    assert train(run_transcription, dataset, out, "--max_steps", "5", "--save_strategy", "steps", "--save_steps", "1") == 1
+    [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err.startswith("error: training loss became nan at step 3; stopped before the optimizer step, so the weights were not changed")
+    assert checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
+    for name in checkpoints(out):
+        weights = load_file(out / name / "model.safetensors")
+        assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    assert not (out / "model.safetensors").exists()  # no final model written from a poisoned run
+
+
 def test_argument_errors_are_one_line_with_exit_code_2(run_transcription, dataset, tmp_path, capsys):
     assert run_transcription.main(["train", "--output_dir", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip() == "error: --manifest_dir is required (a dataset folder with train/ and val/ manifests)"

@@ -1,11 +1,13 @@
-"""Training data for Sound2Sheet: manifests and their checker, the `datasets` builder, training windows and the
-collator, the synthetic piano corpus renderer (`sound2sheet.data.synth`) and the MAESTRO importer
+"""Training data for Sound2Sheet: manifests and their checker, the `datasets` builder, training windows, the collator,
+augmentation, the synthetic piano corpus renderer (`sound2sheet.data.synth`) and the MAESTRO importer
 (`sound2sheet.data.maestro`).
 
 This package builds examples from notes, the feature extractor and the tokenizer; it never imports the model.
 """
 
-from .builder import Sound2SheetManifestBuilder, load_manifest_dataset, notes_of_example
+from .augment import Augmentation
+from .builder import Sound2SheetManifestBuilder, Sound2SheetManifestConfig, load_manifest_dataset, notes_of_example
+from .collator import Sound2SheetDataCollator
 from .manifest import (
     ManifestEntry,
     ManifestError,
@@ -16,10 +18,11 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
-from .windows import Augmentation, Sound2SheetDataCollator, WindowDataset, pieces_from_dataset, read_segment
+from .windows import Piece, WindowDataset, pieces_from_dataset, random_window_start, read_segment, validation_window_starts
 
 __all__ = [
     "Sound2SheetManifestBuilder",
+    "Sound2SheetManifestConfig",
     "load_manifest_dataset",
     "notes_of_example",
     "ManifestEntry",
@@ -32,7 +35,10 @@ __all__ = [
     "write_manifest",
     "Augmentation",
     "Sound2SheetDataCollator",
+    "Piece",
     "WindowDataset",
     "pieces_from_dataset",
+    "random_window_start",
     "read_segment",
+    "validation_window_starts",
 ]

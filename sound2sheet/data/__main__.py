@@ -10,6 +10,8 @@ from .manifest import DEFAULT_DURATION_TOLERANCE, check_dataset
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command; returns the exit code: 0 when the dataset is clean, 1 when it has problems (each printed on
+    one line to stdout, the count to stderr); argparse exits with 2 on bad arguments."""
     parser = argparse.ArgumentParser(prog="python -m sound2sheet.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate DATASET/{train,val,test}/manifest.json and the files they name")
@@ -25,6 +27,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     print(f"{args.dataset}: no problems found")
     return 0
+
+
+__all__ = ["main"]
 
 
 if __name__ == "__main__":

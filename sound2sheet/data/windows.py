@@ -1,15 +1,26 @@
-"""Training examples: windows cut from pieces, their features and note tokens; the collator; augmentation.
+"""Training examples: windows of the model's length cut from whole pieces, with their features and note tokens.
 
-Training draws random windows from each piece (a fresh draw every epoch, reproducible from the seed, the epoch and
-the example index); validation tiles every piece with fixed, consecutive windows. Audio is read with soundfile,
-only the window's part of the file, and resampled with soxr.
+A piece is an audio file, its duration and its notes (a `Piece`; `pieces_from_dataset` makes them from the manifest
+dataset). `WindowDataset` turns pieces into model-ready examples `{"input_values": (256, 128), "labels": [ids]}`:
+
+- training (`train=True`): `windows_per_piece` random windows per piece and epoch. The start of window `item` in
+  epoch `epoch` is drawn from `numpy.random.default_rng([seed, epoch, item])`, and its augmentation from a separate
+  stream of the same seed, so a window depends only on (seed, epoch, item): not on the DataLoader's worker count, the
+  worker that happens to load it, or the shuffling order. Call `set_epoch` (the Trainer callback
+  `sound2sheet.training.DatasetEpochCallback` does) to draw new windows each epoch.
+- validation (`train=False`): fixed windows tiling every piece from 0 s (the last one padded with silence), never
+  augmented: the same examples every time.
+
+Window starts lie on the 10 ms token grid, so note times relative to the window stay exact; the tokenizer clips the
+notes to the window and lists the notes already sounding at its start in the tie section. Only the window's part of
+the audio file is read (soundfile seek + read) and resampled with soxr, with a margin on each side so the resampling
+filter sees real signal rather than an edge.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import soundfile
@@ -17,90 +28,100 @@ import soxr
 import torch
 
 from ..notes import Note
+from .augment import Augmentation
 
-GRID = 0.01  # window starts on the token grid, so note times stay exact relative to the window
+WINDOW_GRID = 0.01  # seconds: the tokenizer's time step; window starts on it keep note times exact
+# Seconds read on each side of a window so soxr's filter sees real signal rather than an edge; measured: with 10 ms
+# a window matches the whole-file resampling to ~1e-7 (44.1/48/96 kHz; 1e-6 at 8 kHz), with 3 ms only to ~1e-4.
+RESAMPLE_MARGIN = 0.01
+WINDOW_STREAM, AUGMENT_STREAM = 0, 1  # independent random streams of one example: its start, its augmentation
+
+
+class Piece(NamedTuple):
+    """One whole recording: the audio file, its duration in seconds, and its notes."""
+
+    audio_path: str
+    duration: float
+    notes: List[Note]
 
 
 def read_segment(path: str, start: float, samples: int, sampling_rate: int) -> np.ndarray:
-    """`samples` mono samples at `sampling_rate` from `start` seconds into the file (zero-padded past its end)."""
+    """`samples` mono float32 samples at `sampling_rate` from `start` seconds into the file, zero-padded past its end.
+
+    Reads just that part of the file (plus `RESAMPLE_MARGIN` on each side for the resampler), averages the channels
+    and resamples with soxr; matches the same stretch of `load_audio(path, sampling_rate)` to within the
+    resampler's rounding.
+
+    Raises:
+        ValueError: the file is missing or unreadable, or holds NaN/infinite samples (the message names it).
+    """
+    target_first = int(round(start * sampling_rate))  # the window's first sample on the output grid
     try:
         with soundfile.SoundFile(path) as audio:
-            rate = audio.samplerate
-            first = int(round(start * rate))
-            audio.seek(min(first, audio.frames))
-            data = audio.read(int(math.ceil(samples * rate / sampling_rate)) + 1, dtype="float32", always_2d=True)
-    except Exception as err:  # libsndfile raises several types for corrupt files
-        raise ValueError(f"{path}: not a readable audio file ({str(err).strip().splitlines()[0]})") from None
-    mono = data.mean(axis=1, dtype=np.float32)
+            rate, total = audio.samplerate, audio.frames
+            # Output sample j of a resampled stretch that begins at input sample `begin` sits at begin / rate + j /
+            # sampling_rate. With `begin` a multiple of `step` input samples (= `step_out` output samples), that is
+            # exactly the output grid of the whole file, as `load_audio` resamples it.
+            common = math.gcd(rate, sampling_rate)
+            step, step_out = rate // common, sampling_rate // common
+            margin = int(math.ceil(RESAMPLE_MARGIN * rate)) if rate != sampling_rate else 0
+            ideal = target_first * rate / sampling_rate  # the window's start in input samples (maybe fractional)
+            begin = min(int(max(0.0, ideal - margin) // step) * step, (total // step) * step)
+            skip = target_first - (begin // step) * step_out  # output samples before the window
+            needed = int(math.ceil((skip + samples) * rate / sampling_rate)) + margin
+            audio.seek(begin)
+            data = audio.read(needed, dtype="float32", always_2d=True)
+    except Exception as err:  # libsndfile raises several types for missing or corrupt files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable audio file ({reason})") from None
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(mono).all():
         raise ValueError(f"{path}: the audio contains NaN or infinite samples")
     if rate != sampling_rate and len(mono):
         mono = soxr.resample(mono, rate, sampling_rate, quality="HQ").astype(np.float32, copy=False)
+    mono = mono[skip : skip + samples]
     if len(mono) < samples:
         mono = np.pad(mono, (0, samples - len(mono)))
-    return mono[:samples]
+    return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-@dataclass
-class Augmentation:
-    """Waveform augmentation for training windows; none of it moves a note in time.
+def validation_window_starts(duration: float, window_seconds: float) -> List[float]:
+    """Starts of the fixed windows tiling a piece of `duration` seconds: 0, w, 2w, ... (at least one window)."""
+    count = max(1, math.ceil(round(duration / window_seconds, 6)))
+    return [round(k * window_seconds, 6) for k in range(count)]
 
-    Gain (uniform in dB), white noise at a random signal-to-noise ratio, a small room (exponentially decaying noise
-    impulse response whose first tap is the direct sound, so onsets stay where they are), and a spectral tilt (a
-    first-order low- or high-shelf mix).
-    """
 
-    gain_db: Tuple[float, float] = (-9.0, 6.0)
-    noise_probability: float = 0.5
-    noise_snr_db: Tuple[float, float] = (20.0, 50.0)
-    reverb_probability: float = 0.3
-    reverb_seconds: Tuple[float, float] = (0.15, 0.8)  # RT60
-    tilt_probability: float = 0.3
-    sampling_rate: int = 16000
+def random_window_start(duration: float, window_seconds: float, rng: np.random.Generator) -> float:
+    """A start drawn uniformly from [0, duration - window_seconds] (0 for shorter pieces), on the 10 ms grid."""
+    latest = max(0.0, duration - window_seconds)
+    return round(round(rng.uniform(0.0, latest) / WINDOW_GRID) * WINDOW_GRID, 6)
 
-    def __call__(self, samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        from scipy.signal import fftconvolve, lfilter
 
-        out = samples.astype(np.float32, copy=True)
-        if rng.random() < self.reverb_probability:
-            rt60 = rng.uniform(*self.reverb_seconds)
-            length = int(rt60 * self.sampling_rate)
-            decay = np.exp(-6.9 * np.arange(length) / length)  # -60 dB over rt60
-            response = rng.standard_normal(length) * decay * rng.uniform(0.05, 0.3)
-            response[0] = 1.0
-            out = fftconvolve(out, response)[: len(out)].astype(np.float32)
-        if rng.random() < self.tilt_probability:
-            coefficient = rng.uniform(0.3, 0.9)
-            low = lfilter([1 - coefficient], [1, -coefficient], out).astype(np.float32)
-            mix = rng.uniform(-0.5, 0.5)
-            out = out + mix * (low - out) if mix > 0 else out + (-mix) * (out - low)
-        out *= np.float32(10 ** (rng.uniform(*self.gain_db) / 20))
-        if rng.random() < self.noise_probability:
-            power = float(np.mean(out**2))
-            if power > 0:
-                snr = rng.uniform(*self.noise_snr_db)
-                out += rng.standard_normal(len(out)).astype(np.float32) * np.float32(math.sqrt(power / 10 ** (snr / 10)))
-        peak = float(np.abs(out).max()) if len(out) else 0.0
-        return out / peak if peak > 1.0 else out
+def truncate_labels(ids: List[int], max_length: int, eos_token_id: int) -> List[int]:
+    """`ids` cut to at most `max_length` tokens, the last one kept as EOS."""
+    if len(ids) <= max_length:
+        return ids
+    return ids[: max_length - 1] + [eos_token_id]
 
 
 class WindowDataset(torch.utils.data.Dataset):
-    """Model-ready windows (`input_values`, `labels`) cut from pieces.
+    """Model-ready windows (`input_values`, `labels`) cut from pieces; see the module docstring for the sampling.
 
     Args:
-        pieces: sequence of (audio path, duration in seconds, notes) — e.g. from `pieces_from_dataset`.
-        feature_extractor: a `Sound2SheetFeatureExtractor` (sets the window length and sample rate).
-        tokenizer: a `Sound2SheetTokenizer` (encodes each window's notes, with its tie section).
+        pieces: `Piece`s or (audio path, duration in seconds, notes) tuples, e.g. from `pieces_from_dataset`.
+        feature_extractor: a `Sound2SheetFeatureExtractor` (sets the window length and the sample rate).
+        tokenizer: a `Sound2SheetTokenizer` (encodes each window's notes, with its tie section and EOS).
         train: random windows (`windows_per_piece` per piece per epoch) if True, else fixed tiling windows.
-        seed: base of the random draws; the window of example i in epoch e depends only on (seed, e, i).
-        augment: an `Augmentation` applied to training windows (never to validation).
+        windows_per_piece: training windows drawn per piece and epoch.
+        seed: base of the random draws; example `item` of epoch `epoch` depends only on (seed, epoch, item).
+        augment: an `Augmentation` applied to training windows (ignored when `train=False`).
         max_target_length: labels longer than this are cut (EOS kept).
         max_windows: keep only the first N examples (e.g. to bound validation time).
     """
 
     def __init__(
         self,
-        pieces: Sequence[Tuple[str, float, List[Note]]],
+        pieces: Sequence,
         feature_extractor,
         tokenizer,
         train: bool = True,
@@ -110,79 +131,85 @@ class WindowDataset(torch.utils.data.Dataset):
         max_target_length: int = 1024,
         max_windows: Optional[int] = None,
     ):
-        self.pieces = list(pieces)
+        if windows_per_piece < 1:
+            raise ValueError(f"windows_per_piece must be at least 1, got {windows_per_piece}.")
+        if max_target_length < 2:
+            raise ValueError(f"max_target_length must be at least 2 (one event and EOS), got {max_target_length}.")
+        self.pieces = [Piece(str(path), float(duration), list(notes)) for path, duration, notes in pieces]
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
         self.train = train
-        self.seed = seed
+        self.seed = int(seed)
         self.epoch = 0
         self.augment = augment if train else None
         self.max_target_length = max_target_length
+        self.sampling_rate = int(feature_extractor.sampling_rate)
         self.window_seconds = float(feature_extractor.window_seconds)
-        self.window_samples = int(round(self.window_seconds * feature_extractor.sampling_rate))
+        self.window_samples = int(round(self.window_seconds * self.sampling_rate))
         if train:
-            self.index = [(piece, draw) for piece in range(len(self.pieces)) for draw in range(windows_per_piece)]
+            self.index = [(piece, None) for piece in range(len(self.pieces)) for _ in range(windows_per_piece)]
         else:
             self.index = [
-                (piece, round(k * self.window_seconds, 6))
+                (piece, start)
                 for piece, (_, duration, _) in enumerate(self.pieces)
-                for k in range(max(1, math.ceil(round(duration / self.window_seconds, 6))))
+                for start in validation_window_starts(duration, self.window_seconds)
             ]
         if max_windows is not None:
             self.index = self.index[:max_windows]
 
     def set_epoch(self, epoch: int):
-        """Draw new training windows for this epoch (the Trainer/accelerate call this)."""
+        """Draw this epoch's training windows (validation windows never change)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _rng(self, item: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, item])
+    def _rng(self, item: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, item, stream])
 
     def window_start(self, item: int) -> float:
-        piece, value = self.index[item]
-        if not self.train:
-            return value
-        duration = self.pieces[piece][1]
-        latest = max(0.0, duration - self.window_seconds)
-        return round(round(self._rng(item).uniform(0.0, latest) / GRID) * GRID, 6)
+        """Where example `item` starts in its piece, in seconds."""
+        piece, start = self.index[item]
+        if start is not None:
+            return start
+        return random_window_start(self.pieces[piece].duration, self.window_seconds, self._rng(item, WINDOW_STREAM))
+
+    def window_samples_of(self, item: int) -> np.ndarray:
+        """The (augmented, for training) waveform of example `item`: `window_samples` samples at the model's rate."""
+        piece, _ = self.index[item]
+        samples = read_segment(self.pieces[piece].audio_path, self.window_start(item), self.window_samples, self.sampling_rate)
+        if self.augment is not None:
+            samples = self.augment(samples, self._rng(item, AUGMENT_STREAM))
+        return samples
+
+    def labels_of(self, item: int) -> List[int]:
+        """The token ids of example `item`: its piece's notes clipped to the window, tie section first, EOS last."""
+        piece, _ = self.index[item]
+        ids = self.tokenizer.encode_notes(self.pieces[piece].notes, window_start=self.window_start(item), window_length=self.window_seconds)
+        return truncate_labels(ids, self.max_target_length, self.tokenizer.eos_token_id)
 
     def __getitem__(self, item: int) -> dict:
-        piece, _ = self.index[item]
-        audio_path, _, notes = self.pieces[piece]
-        start = self.window_start(item)
-        samples = read_segment(audio_path, start, self.window_samples, self.feature_extractor.sampling_rate)
-        if self.augment is not None:
-            samples = self.augment(samples, self._rng(item))
-        features = self.feature_extractor(samples, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt")
-        labels = self.tokenizer.encode_notes(notes, window_start=start, window_length=self.window_seconds)
-        if len(labels) > self.max_target_length:
-            labels = labels[: self.max_target_length - 1] + [self.tokenizer.eos_token_id]
-        return {"input_values": features["input_values"][0], "labels": labels}
+        if not -len(self) <= item < len(self):
+            raise IndexError(f"WindowDataset index {item} out of range for {len(self)} windows")
+        item = item % len(self)
+        features = self.feature_extractor(self.window_samples_of(item), sampling_rate=self.sampling_rate, return_tensors="pt")
+        return {"input_values": features["input_values"][0], "labels": self.labels_of(item)}
 
 
-@dataclass
-class Sound2SheetDataCollator:
-    """Stacks `input_values` and pads `labels` with -100 (ignored by the loss) to the longest in the batch."""
-
-    label_pad_token_id: int = -100
-
-    def __call__(self, features: List[dict]) -> dict:
-        input_values = torch.stack([torch.as_tensor(f["input_values"], dtype=torch.float32) for f in features])
-        longest = max(len(f["labels"]) for f in features)
-        labels = torch.full((len(features), longest), self.label_pad_token_id, dtype=torch.long)
-        for row, feature in enumerate(features):
-            labels[row, : len(feature["labels"])] = torch.as_tensor(feature["labels"], dtype=torch.long)
-        return {"input_values": input_values, "labels": labels}
-
-
-def pieces_from_dataset(dataset) -> List[Tuple[str, float, List[Note]]]:
-    """(audio path, duration, notes) for every example of a manifest dataset (see `load_manifest_dataset`)."""
+def pieces_from_dataset(dataset) -> List[Piece]:
+    """The `Piece` of every example of a manifest dataset (see `load_manifest_dataset`; streaming ones too)."""
     from .builder import notes_of_example
 
-    return [(example["audio_path"], float(example["duration"]), notes_of_example(example)) for example in dataset]
+    return [Piece(example["audio_path"], float(example["duration"]), notes_of_example(example)) for example in dataset]
 
 
-__all__ = ["WindowDataset", "Sound2SheetDataCollator", "Augmentation", "read_segment", "pieces_from_dataset"]
+__all__ = [
+    "Piece",
+    "WindowDataset",
+    "read_segment",
+    "validation_window_starts",
+    "random_window_start",
+    "truncate_labels",
+    "pieces_from_dataset",
+    "WINDOW_GRID",
+]
