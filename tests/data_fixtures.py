@@ -24,6 +24,13 @@ def write_midi_with_pedal(path: Path, notes: List[Note], pedal=()):
     midi.write(str(path))
 
 
+def edit_manifest(path: Path, change):
+    """Apply `change` to the list of raw entries of the manifest at `path` and write it back."""
+    entries = json.loads(path.read_text())
+    change(entries)
+    path.write_text(json.dumps(entries))
+
+
 def make_dataset(root: Path, pieces_per_split=(2, 1, 1), seconds: float = 6.0) -> Path:
     """DATASET/{train,val,test}/ with piano-like FLACs and MIDIs; piece k of a split has a pedal over 1.0-2.0 s."""
     for split, count in zip(("train", "val", "test"), pieces_per_split):

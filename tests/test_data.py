@@ -25,7 +25,7 @@ from sound2sheet.data import (
 from sound2sheet.data.__main__ import main as data_main
 from sound2sheet.data.maestro import MaestroError, import_maestro
 
-from .data_fixtures import expected_notes, make_dataset, write_midi_with_pedal
+from .data_fixtures import edit_manifest, expected_notes, make_dataset, write_midi_with_pedal
 
 EXTRACTOR, TOKENIZER = Sound2SheetFeatureExtractor(), Sound2SheetTokenizer()
 
@@ -33,12 +33,6 @@ EXTRACTOR, TOKENIZER = Sound2SheetFeatureExtractor(), Sound2SheetTokenizer()
 @pytest.fixture()
 def dataset(tmp_path):
     return make_dataset(tmp_path / "ds")
-
-
-def edit_manifest(path, change):
-    entries = json.loads(path.read_text())
-    change(entries)
-    path.write_text(json.dumps(entries))
 
 
 # --- manifests and the checker ----------------------------------------------------------------------------------------

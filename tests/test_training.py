@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -131,6 +132,77 @@ def test_sigkill_mid_run_then_rerun_resumes_exactly(dataset, tmp_path):
         ref_state = torch.load(tmp_path / "reference" / "checkpoint-12" / name, weights_only=True)
         got_state = torch.load(killed_dir / "checkpoint-12" / name, weights_only=True)
         assert repr(ref_state) == repr(got_state), name
+
+
+KILL_DURING_CHECKPOINT_WRITE = """
+import importlib.util, os, signal, sys
+import transformers
+spec = importlib.util.spec_from_file_location("run_transcription", sys.argv[1])
+script = sys.modules["run_transcription"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+save = transformers.Trainer._save_optimizer_and_scheduler
+
+def save_then_die(self, output_dir):  # the weights of this checkpoint are on disk, the rest is not
+    if output_dir.endswith(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(self, output_dir)
+
+transformers.Trainer._save_optimizer_and_scheduler = save_then_die
+sys.exit(script.main(sys.argv[3:]))
+"""
+
+RESUME_ARGS = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    process = run_script(["train", "--manifest_dir", str(dataset), *TINY, *RESUME_ARGS, "--output_dir", str(out)])
+    assert process.wait(timeout=600) == 0, process.stderr.read()
+    return out
+
+
+def assert_resume_matches_reference(folder: Path, reference: Path, dataset):
+    expected = last_complete_checkpoint(folder)
+    resumed = run_script(["train", "--manifest_dir", str(dataset), *TINY, *RESUME_ARGS, "--output_dir", str(folder)])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    if expected:
+        assert f"Resuming from {expected}" in resumed.stderr.read()
+    want, got = load_file(reference / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_then_rerun_resumes_exactly(dataset, reference_run, tmp_path):
+    out = tmp_path / "run"
+    victim = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_CHECKPOINT_WRITE, str(REPO_ROOT / "run_transcription.py"), "checkpoint-4",
+         "train", "--manifest_dir", str(dataset), *TINY, *RESUME_ARGS, "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert victim.returncode == -signal.SIGKILL
+    assert (out / "checkpoint-4" / "model.safetensors").is_file()  # torn: weights written, the rest missing
+    assert not is_complete_checkpoint(out / "checkpoint-4")
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-2")
+    assert_resume_matches_reference(out, reference_run, dataset)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_moment_then_rerun_resumes_exactly(dataset, reference_run, tmp_path, seed):
+    """Killed somewhere between start-up and the end of training (the moment drawn from `seed`)."""
+    out = tmp_path / "run"
+    victim = run_script(["train", "--manifest_dir", str(dataset), *TINY, *RESUME_ARGS, "--output_dir", str(out)])
+    started = time.time()
+    while not (out / "checkpoint-2").exists() and victim.poll() is None:  # past start-up: training has begun
+        time.sleep(0.02)
+    delay = float(np.random.default_rng(seed).uniform(0.0, 1.0)) * max(time.time() - started, 0.5) * 2
+    time.sleep(delay)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert_resume_matches_reference(out, reference_run, dataset)
 
 
 @pytest.mark.slow
