@@ -2,7 +2,8 @@
 
 The steps, each replaceable by a user's choice:
 
-1. the beat: tempo and the first beat from the note onsets (`estimate_beat`), or `tempo=` given;
+1. the beat, from the note onsets: one steady tempo (`estimate_beat`), or a beat that follows a changing tempo
+   (`track_beat`), whichever places the onsets better (`choose_beat`); or a steady `tempo=` given;
 2. quantization of onsets and lengths to a grid of 16ths and 8th-note triplets (whichever is nearer per note);
 3. the hands: a split point that follows the music (`split_hands`), not a fixed middle C;
 4. the score (music21): treble and bass staves in a piano brace, measures with ties across barlines and rests
@@ -151,6 +152,130 @@ def refine_beat(onsets: np.ndarray, beat: Beat, rounds: int = 3) -> Beat:
     return beat
 
 
+TRACK_WINDOW = 6.0  # beats of recent onsets the local tempo is fitted to
+TRACK_DECAY = 3.0  # beats over which an onset's weight in that fit falls by a factor e
+TEMPO_PRIOR = 0.06  # beats of placement cost one octave away from 100 BPM costs
+
+
+@dataclass
+class BeatMap:
+    """A beat that follows a drifting tempo: each chord onset's place in the score (`beats`, on the 16th/triplet grid)
+    at its time (`seconds`); times in between are interpolated, times outside extrapolated at the nearest local tempo."""
+
+    seconds: np.ndarray
+    beats: np.ndarray
+    cost: float = 0.0  # mean placement cost of the onsets when they were placed (see `_place`)
+
+    @property
+    def tempo(self) -> float:
+        """The median tempo, in quarter notes per minute (for the score's tempo mark)."""
+        if len(self.seconds) < 2:
+            return 120.0
+        rates = np.diff(self.beats) / np.maximum(np.diff(self.seconds), 1e-6)
+        return float(np.clip(60.0 * np.median(rates[rates > 0]) if (rates > 0).any() else 120.0, *TEMPO_RANGE))
+
+    def to_beats(self, seconds: float) -> float:
+        t, q = self.seconds, self.beats
+        if len(t) == 1:
+            return float(q[0] + (seconds - t[0]) * self.tempo / 60.0)
+        if seconds < t[0]:
+            return float(q[0] + (seconds - t[0]) * (q[1] - q[0]) / (t[1] - t[0]))
+        if seconds > t[-1]:
+            return float(q[-1] + (seconds - t[-1]) * (q[-1] - q[-2]) / (t[-1] - t[-2]))
+        return float(np.interp(seconds, t, q))
+
+
+# What a performed onset must gain in closeness (in beats) to be read as a finer subdivision: a played rhythm is
+# heard as the simplest one near it (beats, then 8ths, then 16ths and triplets) when the tempo is not steady.
+PLACE_PENALTY = ((1.0, 0.0), (0.5, 0.05), (0.25, 0.1), (1 / 3, 0.12))
+
+
+def _place(exact: float) -> Tuple[float, float]:
+    """(grid point, cost) for an onset at `exact` beats: of the beats, 8ths, 16ths and 8th-note triplets, the point
+    nearest after a small penalty for each finer subdivision; the cost is that distance plus penalty, in beats."""
+    best, best_cost = exact, np.inf
+    for step, penalty in PLACE_PENALTY:
+        point = round(exact / step) * step
+        cost = abs(point - exact) + penalty
+        if cost < best_cost - 1e-9:
+            best, best_cost = point, cost
+    return float(best), float(best_cost)
+
+
+def _follow(onsets: np.ndarray, offset: float, period: float) -> Tuple[np.ndarray, float]:
+    """(grid positions in beats, mean placement cost in beats: see `_place`) of the chord
+    `onsets`, followed from a beat at `offset` seconds with `period` seconds per beat: each onset goes to the nearest
+    16th/triplet point of the local tempo, which is then refitted (weighted least squares, recent onsets weigh more)
+    to the placed onsets of the last `TRACK_WINDOW` beats."""
+    low, high = 60.0 / TEMPO_RANGE[1], 60.0 / TEMPO_RANGE[0]
+    positions = np.zeros(len(onsets))
+    costs = 0.0
+    first = 0  # the oldest onset still inside the fitting window
+    for index, time in enumerate(onsets):
+        exact = (time - offset) / period
+        position, cost = _place(exact)
+        costs += cost
+        if index and position <= positions[index - 1]:  # never backwards: the next grid point after the last
+            position = positions[index - 1] + min(GRID)
+        positions[index] = position
+        while positions[first] < position - TRACK_WINDOW:
+            first += 1
+        beats, seconds = positions[first : index + 1], onsets[first : index + 1]
+        if len(beats) >= 2 and beats[-1] - beats[0] >= 1.0:
+            weights = np.exp(-(position - beats) / (2 * TRACK_DECAY))
+            design = np.stack([np.ones_like(beats), beats], axis=1) * weights[:, None]
+            (fit_offset, fit_period), *_ = np.linalg.lstsq(design, seconds * weights, rcond=None)
+            if low <= fit_period <= high and 0.8 * period <= fit_period <= 1.25 * period:
+                offset, period = float(fit_offset), float(fit_period)
+    return positions, costs / max(1, len(onsets))
+
+
+def track_beat(notes: Sequence[Note], opening: int = 24) -> BeatMap:
+    """Follow the beat through tempo changes and place every chord onset on the 16th/triplet grid.
+
+    The starting tempo is chosen on the first `opening` chord onsets: candidates come from their inter-onset intervals
+    (each read as 1/4 .. 2 beats); each is followed through the opening (`_follow`, which adapts to a drifting tempo)
+    and scored by the share of onsets it places within 25 ms; among near-equal scores (a tempo, its doubles and halves)
+    the one nearest 100 BPM wins, and the beat falls on the 16th that carries the most note weight. Then the whole piece
+    is followed from there. A steady performance gives the places of one steady beat; accelerandi and ritardandi are
+    followed, where a single steady tempo would drift off the grid within a few bars.
+    """
+    onsets, weights = _chord_onsets(notes)
+    if len(onsets) < 2:
+        return BeatMap(onsets, np.zeros(len(onsets)))
+    head = onsets[:opening]
+    intervals = np.diff(head)
+    candidates = set()
+    for interval in intervals[intervals > 0.05]:
+        for beats in (0.25, 0.5, 1.0, 1.5, 2.0):
+            tempo = 60.0 * beats / interval
+            if TEMPO_RANGE[0] <= tempo <= TEMPO_RANGE[1]:
+                candidates.add(round(tempo))
+    if not candidates:
+        candidates = {120}
+    scored = {tempo: _follow(head, float(head[0]), 60.0 / tempo) for tempo in sorted(candidates)}
+    # lowest placement cost, with a mild preference for tempi near 100 BPM (between a tempo and its double, the
+    # cost alone prefers the one that puts the notes on simple beats without stretching the errors)
+    tempo = min(scored, key=lambda t: scored[t][1] + TEMPO_PRIOR * abs(np.log2(t / 100.0)))
+    placed = scored[tempo][0]
+    # the beat: of the four 16th-shifted readings of the opening, the one whose beats carry the most weight
+    head_weights = weights[: len(head)]
+    shift = max(range(4), key=lambda k: (float(np.sum(head_weights[np.abs((placed - k / 4) - np.round(placed - k / 4)) < 1e-6])), -k))
+    positions, cost = _follow(onsets, float(head[0]) + shift * 15.0 / tempo, 60.0 / tempo)
+    return BeatMap(onsets, positions, cost)
+
+
+def choose_beat(notes: Sequence[Note]):
+    """The steady beat (`estimate_beat`) when it places the onsets at least as well as the followed one
+    (`track_beat`), else the followed one: a steady performance keeps the exactness of one global fit (which averages
+    out timing jitter), a performance with a changing tempo is followed."""
+    steady = estimate_beat(notes)
+    tracked = track_beat(notes)
+    onsets, _ = _chord_onsets(notes)
+    steady_cost = float(np.mean([_place(steady.to_beats(t))[1] for t in onsets]))
+    return steady if steady_cost <= tracked.cost else tracked
+
+
 def quantize(value: float) -> float:
     """Nearest point of the 16th / 8th-triplet grid, in quarter notes (16ths win near-ties)."""
     candidates = [round(value / g) * g for g in GRID]
@@ -241,11 +366,12 @@ def notes_to_score(
     from music21 import chord, clef, dynamics, layout, meter, note, stream, tempo as m21tempo
 
     notes = sort_notes(notes)
-    beat = estimate_beat(notes)
     if tempo is not None:
         if not 20 <= tempo <= 400:
             raise ValueError(f"tempo must be a positive number of BPM (20-400), got {tempo}")
         beat = Beat(float(tempo), notes[0].onset if notes else 0.0)
+    else:
+        beat = choose_beat(notes) if notes else Beat(120.0, 0.0)
     placed = []
     for n in notes:
         onset = quantize(beat.to_beats(n.onset))

@@ -138,3 +138,20 @@ def test_lilypond_renders_pdf_and_png(tmp_path, fmt, magic):
     notes = corpus_notes("bach/bwv10.7", tempo=90.0)[:40]
     path = render_score(notes, tmp_path / f"score.{fmt}", fmt=fmt)
     assert path.read_bytes()[:4] == magic and path.stat().st_size > 1000
+
+
+def test_the_beat_follows_an_accelerando():
+    """8th notes over 24 beats while the tempo rises from 84 to 120 BPM: one steady tempo drifts off the grid within a
+    few bars; the followed beat puts every note on its 8th."""
+    from sound2sheet.sheet import BeatMap, choose_beat, track_beat
+
+    positions = np.arange(0.0, 24.0, 0.5)
+    tempo = 84.0 + (120.0 - 84.0) * positions / 24.0
+    seconds = 0.5 + np.concatenate([[0.0], np.cumsum(60.0 / tempo[:-1] * 0.5)])
+    notes = [Note(float(t), float(t) + 0.2, 60 + (k % 5) * 2 + (k % 2) * 12, 70 if k % 2 else 90) for k, t in enumerate(seconds)]
+    followed = track_beat(notes)
+    assert np.allclose(followed.beats - followed.beats[0], positions)
+    assert isinstance(choose_beat(notes), BeatMap)
+    steady = estimate_beat(notes)
+    drifted = [quantize(steady.to_beats(n.onset)) for n in notes]
+    assert not np.allclose(np.array(drifted) - drifted[0], positions)  # what the steady beat alone would write

@@ -1,0 +1,104 @@
+"""Note-level quality of a Sound2Sheet model on a held-out test split, side by side with basic-pitch.
+
+    python benchmarks/quality.py [--model models/sound2sheet-piano-small] [--manifest-dir data/piano-synth]
+                                 [--split test] [--max-pieces N] [--threads 2]
+
+The test split is any manifest dataset (`DATASET/test/manifest.json`); the project's own one is rendered with
+
+    python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0
+
+whose test pieces are unseen pieces played with the held-out soundfont (TimGM6mb), with pedal and tempo variation.
+Prints, per system, the mean over pieces (MAESTRO's convention) of onset F1, onset+offset F1 and
+onset+offset+velocity F1 (mir_eval, 50 ms onset tolerance), and the CPU seconds each system spent. basic-pitch runs
+when it is installed (`pip install --no-deps basic-pitch==0.4.0 librosa resampy scikit-learn onnxruntime`: its
+ONNX model needs no TensorFlow), on the same files in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+from sound2sheet import Note, Sound2SheetForConditionalGeneration, Sound2SheetProcessor
+from sound2sheet.data import load_manifest_dataset, notes_of_example
+from sound2sheet.metrics import mean_metrics, note_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+SHOWN = ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1")
+
+
+def sound2sheet_system(model_path: str, batch_size: int) -> Callable[[str], List[Note]]:
+    model = Sound2SheetForConditionalGeneration.from_pretrained(model_path).eval()
+    processor = Sound2SheetProcessor.from_pretrained(model_path)
+    return lambda path: processor.transcribe(path, model, batch_size=batch_size)
+
+
+def basic_pitch_system() -> Callable[[str], List[Note]] | None:
+    """basic-pitch 0.4.0 through its ONNX model, or None when it is not installed."""
+    try:
+        from basic_pitch import FilenameSuffix, build_icassp_2022_model_path
+        from basic_pitch.inference import Model, predict
+    except ImportError:
+        return None
+    model = Model(build_icassp_2022_model_path(FilenameSuffix.onnx))
+
+    def transcribe(path: str) -> List[Note]:
+        _, _, events = predict(path, model)
+        notes = []
+        for start, end, pitch, amplitude, _ in events:
+            if end > start:
+                notes.append(Note(float(start), float(end), int(pitch), max(1, min(127, int(round(amplitude * 127))))))
+        return sorted(notes, key=lambda n: (n.onset, n.pitch))
+
+    return transcribe
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(REPO / "models" / "sound2sheet-piano-small"))
+    parser.add_argument("--manifest-dir", default=str(REPO / "data" / "piano-synth"))
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--max-pieces", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-basic-pitch", action="store_true", help="skip basic-pitch even when installed")
+    parser.add_argument("--report", default=None, help="also write per-piece scores to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    examples = list(load_manifest_dataset(args.manifest_dir, split=args.split))[: args.max_pieces]
+    systems: Dict[str, Callable[[str], List[Note]]] = {"sound2sheet": sound2sheet_system(args.model, args.batch_size)}
+    other = None if args.no_basic_pitch else basic_pitch_system()
+    if other is not None:
+        systems["basic-pitch 0.4.0"] = other
+    else:
+        print("basic-pitch is not installed (or --no-basic-pitch): only Sound2Sheet is measured")
+    seconds = sum(float(e["duration"]) for e in examples)
+    print(f"{len(examples)} pieces, {seconds / 60:.1f} min of audio from {args.manifest_dir} ({args.split}); model {args.model}")
+
+    scores = {name: [] for name in systems}
+    cpu = {name: 0.0 for name in systems}
+    for example in examples:
+        reference = notes_of_example(example)
+        for name, transcribe in systems.items():
+            start = time.process_time()
+            prediction = transcribe(example["audio_path"])
+            cpu[name] += time.process_time() - start
+            scores[name].append({"id": example["id"], **note_metrics(reference, prediction)})
+    print(f"{'system':<20}" + "".join(f"{name:>28}" for name in SHOWN) + f"{'CPU s / audio s':>18}")
+    summary = {}
+    for name in systems:
+        mean = mean_metrics([{k: v for k, v in piece.items() if k != "id"} for piece in scores[name]])
+        summary[name] = {**{k: mean[k] for k in SHOWN}, "cpu_seconds_per_audio_second": cpu[name] / seconds}
+        print(f"{name:<20}" + "".join(f"{mean[k]:>28.3f}" for k in SHOWN) + f"{cpu[name] / seconds:>18.3f}")
+    if args.report:
+        Path(args.report).write_text(json.dumps({"summary": summary, "per_piece": scores}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
