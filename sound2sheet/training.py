@@ -175,8 +175,12 @@ class DatasetEpochCallback(TrainerCallback):
         self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
 
 
-def token_accuracy(predictions: np.ndarray, labels: np.ndarray, decoder_start_token_id: int) -> float:
-    """Share of label tokens (ignoring -100) that the generated sequence has at the same position."""
+def token_accuracy(predictions: np.ndarray, labels: np.ndarray, decoder_start_token_id: int, pad_token_id: Optional[int] = None) -> float:
+    """Share of label tokens that the generated sequence has at the same position.
+
+    Positions where the label is -100 or `pad_token_id` are not counted: `Seq2SeqTrainer` pads the labels of a
+    generating evaluation with the pad token up to the generation length, and counting those would reward a model
+    for padding its output."""
     predictions = np.asarray(predictions)
     if predictions.shape[1] and (predictions[:, 0] == decoder_start_token_id).all():
         predictions = predictions[:, 1:]
@@ -184,6 +188,8 @@ def token_accuracy(predictions: np.ndarray, labels: np.ndarray, decoder_start_to
     if predictions.shape[1] < width:
         predictions = np.pad(predictions, ((0, 0), (0, width - predictions.shape[1])), constant_values=-1)
     mask = labels != -100
+    if pad_token_id is not None:
+        mask &= labels != pad_token_id
     if not mask.any():
         return 1.0
     return float((predictions[:, :width] == labels)[mask].mean())
@@ -198,10 +204,10 @@ def build_compute_metrics(tokenizer, decoder_start_token_id: int) -> Callable:
         predictions = eval_prediction.predictions
         predictions = predictions[0] if isinstance(predictions, tuple) else predictions
         labels = eval_prediction.label_ids
-        result = {"token_accuracy": token_accuracy(predictions, labels, decoder_start_token_id)}
+        result = {"token_accuracy": token_accuracy(predictions, labels, decoder_start_token_id, tokenizer.pad_token_id)}
         scores: dict = {}
         for predicted, label in zip(predictions, labels):
-            reference = tokenizer.decode_notes([int(t) for t in label if t != -100])
+            reference = tokenizer.decode_notes([int(t) for t in label if t != -100 and t != tokenizer.pad_token_id])
             estimate = tokenizer.decode_notes([int(t) for t in predicted if t >= 0])
             for name, value in note_metrics(reference, estimate).items():
                 scores.setdefault(name, []).append(value)

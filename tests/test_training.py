@@ -324,3 +324,19 @@ def test_evaluate_module_loads_offline_and_agrees(monkeypatch):
     result = metric.compute(predictions=[note_rows(predicted), note_rows(REFERENCE)], references=[note_rows(REFERENCE)] * 2)
     expected = (note_metrics(REFERENCE, predicted)["onset_f1"] + 1.0) / 2
     assert result["onset_f1"] == pytest.approx(expected)
+
+
+def test_token_accuracy_counts_label_tokens_only():
+    from sound2sheet import Sound2SheetTokenizer
+    from sound2sheet.training import build_compute_metrics, token_accuracy
+
+    tokenizer = Sound2SheetTokenizer()
+    pad, start, eos = tokenizer.pad_token_id, 2, tokenizer.eos_token_id
+    labels = np.array([[300, 310, eos, pad, pad, pad], [300, eos, -100, -100, pad, pad]])  # as Seq2SeqTrainer pads them
+    generated = np.array([[start, 300, 311, eos, pad, pad, pad], [start, 300, eos, pad, pad, pad, pad]])
+    assert token_accuracy(generated, labels, start, pad) == pytest.approx(4 / 5)
+    assert token_accuracy(generated, labels, start) == pytest.approx(9 / 10)  # counting the padding rewards padding
+    from transformers import EvalPrediction
+
+    metrics = build_compute_metrics(tokenizer, start)(EvalPrediction(predictions=generated, label_ids=labels))
+    assert metrics["token_accuracy"] == pytest.approx(4 / 5)
