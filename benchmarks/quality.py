@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -33,6 +34,8 @@ SHOWN = ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1")
 
 
 def sound2sheet_system(model_path: str, batch_size: int) -> Callable[[str], List[Note]]:
+    if os.path.sep in model_path and not os.path.isdir(model_path):
+        raise SystemExit(f"--model {model_path}: no such model folder (train one: see README.md, 'The model')")
     model = Sound2SheetForConditionalGeneration.from_pretrained(model_path).eval()
     processor = Sound2SheetProcessor.from_pretrained(model_path)
     return lambda path: processor.transcribe(path, model, batch_size=batch_size)
