@@ -204,9 +204,9 @@ def _place(exact: float) -> Tuple[float, float]:
 
 def _follow(onsets: np.ndarray, offset: float, period: float) -> Tuple[np.ndarray, float]:
     """(grid positions in beats, mean placement cost in beats: see `_place`) of the chord
-    `onsets`, followed from a beat at `offset` seconds with `period` seconds per beat: each onset goes to the nearest
-    16th/triplet point of the local tempo, which is then refitted (weighted least squares, recent onsets weigh more)
-    to the placed onsets of the last `TRACK_WINDOW` beats."""
+    `onsets`, followed from a beat at `offset` seconds with `period` seconds per beat: each onset goes to the grid
+    point `_place` picks at the local tempo (never before the previous onset's), and the local tempo is then refitted
+    (weighted least squares, recent onsets weigh more) to the placed onsets of the last `TRACK_WINDOW` beats."""
     low, high = 60.0 / TEMPO_RANGE[1], 60.0 / TEMPO_RANGE[0]
     positions = np.zeros(len(onsets))
     costs = 0.0
@@ -235,11 +235,15 @@ def track_beat(notes: Sequence[Note], opening: int = 24) -> BeatMap:
 
     The starting tempo is chosen on the first `opening` chord onsets: candidates come from their inter-onset intervals
     (each read as 1/4 .. 2 beats); each is followed through the opening (`_follow`, which adapts to a drifting tempo)
-    and scored by the share of onsets it places within 25 ms; among near-equal scores (a tempo, its doubles and halves)
-    the one nearest 100 BPM wins, and the beat falls on the 16th that carries the most note weight. Then the whole piece
-    is followed from there. A steady performance gives the places of one steady beat; accelerandi and ritardandi are
-    followed, where a single steady tempo would drift off the grid within a few bars.
+    and the one with the lowest mean placement cost, plus `TEMPO_PRIOR` per octave away from 100 BPM, wins; the beat
+    falls on the 16th that carries the most note weight. Then the whole piece is followed from there. Accelerandi and
+    ritardandi are followed, where a single steady tempo would drift off the grid within a few bars.
+
+    Raises:
+        ValueError: `notes` is empty.
     """
+    if not notes:
+        raise ValueError("track_beat needs at least one note")
     onsets, weights = _chord_onsets(notes)
     if len(onsets) < 2:
         return BeatMap(onsets, np.zeros(len(onsets)))
