@@ -398,6 +398,7 @@ def run_train(argv: List[str]) -> int:
     from sound2sheet.data import Augmentation, Sound2SheetDataCollator, WindowDataset, check_dataset
     from sound2sheet.training import (
         DatasetEpochCallback,
+        NonFiniteLossError,
         Sound2SheetTrainer,
         TrainingHistoryCallback,
         build_compute_metrics,
@@ -487,7 +488,11 @@ def run_train(argv: List[str]) -> int:
     )
 
     # 9. train, save
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     model.generation_config.max_length = None
     model.generation_config.max_new_tokens = model.config.max_target_positions - 1
     trainer.save_model()
@@ -628,8 +633,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     runners = {"transcribe": run_transcribe, "train": run_train, "evaluate": run_evaluate}
-    from sound2sheet.training import NonFiniteLossError
-
     try:
         if command not in runners:
             raise UsageError(f"unknown subcommand {command!r}; choose one of {', '.join(SUBCOMMANDS)}")
@@ -637,9 +640,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

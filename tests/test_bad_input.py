@@ -4,6 +4,8 @@ problem; in a batch the other files are still transcribed and the exit code says
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -22,7 +24,6 @@ from sound2sheet.notes import Note
 from .conftest import piano_like
 from .data_fixtures import edit_manifest, make_dataset, write_midi_with_pedal
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _truncated_flac(path: Path) -> Path:
@@ -116,9 +117,6 @@ def batch_run(run_transcription, bad_files, tiny_model_dir, tmp_path_factory, au
     """Every bad file and one good file in one `transcribe` call."""
     out = tmp_path_factory.mktemp("bad-input-out")
     inputs = [*bad_files.values(), audio_files["wav"]]
-    import contextlib
-    import io
-
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = run_transcription.main(["transcribe", *map(str, inputs), "--output-dir", str(out), "--model", str(tiny_model_dir)])
@@ -149,6 +147,17 @@ def test_command_line_batch(case, batch_run, bad_files):
     assert errors[-1] == f"error: {failed} of {len(CASES) + 1} files failed"
 
 
+# Transcribes argv[2] with the model folder argv[1] and prints the notes count and the peak RSS in MB.
+PEAK_MEMORY_SCRIPT = (
+    "import resource, sys\n"
+    "from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor\n"
+    "model = Sound2SheetForConditionalGeneration.from_pretrained(sys.argv[1]).eval()\n"
+    "processor = Sound2SheetProcessor.from_pretrained(sys.argv[1])\n"
+    "notes = processor.transcribe(sys.argv[2], model, batch_size=16, midi_path=sys.argv[3], max_new_tokens=8)\n"
+    "print(len(notes), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+)
+
+
 @pytest.mark.slow
 def test_an_hour_of_audio_is_transcribed_in_bounded_memory(tiny_model_dir, tmp_path):
     """Peak memory for a 1-hour file stays close to a 1-minute file's: windows stream through, the audio never
@@ -158,28 +167,15 @@ def test_an_hour_of_audio_is_transcribed_in_bounded_memory(tiny_model_dir, tmp_p
         with soundfile.SoundFile(tmp_path / name, "w", 16000, 1, subtype="PCM_16") as handle:
             for _ in range(6 * minutes):
                 handle.write(block)
-    code = textwrap_peak_script()
     peaks = {}
     for name in ("minute.wav", "hour.wav"):
         result = subprocess.run(
-            [sys.executable, "-c", code, str(tiny_model_dir), str(tmp_path / name), str(tmp_path / f"{name}.mid")],
+            [sys.executable, "-c", PEAK_MEMORY_SCRIPT, str(tiny_model_dir), str(tmp_path / name), str(tmp_path / f"{name}.mid")],
             capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="2"),
         )
         assert result.returncode == 0, result.stderr[-2000:]
-        notes_count, peak_mb = result.stdout.split()
-        peaks[name] = float(peak_mb)
+        peaks[name] = float(result.stdout.split()[1])
     assert peaks["hour.wav"] < peaks["minute.wav"] * 1.15 + 20, peaks
-
-
-def textwrap_peak_script() -> str:
-    return (
-        "import resource, sys\n"
-        "from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor\n"
-        "model = Sound2SheetForConditionalGeneration.from_pretrained(sys.argv[1]).eval()\n"
-        "processor = Sound2SheetProcessor.from_pretrained(sys.argv[1])\n"
-        "notes = processor.transcribe(sys.argv[2], model, batch_size=16, midi_path=sys.argv[3], max_new_tokens=8)\n"
-        "print(len(notes), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
-    )
 
 
 # --- MIDI and manifests ---------------------------------------------------------------------------------------
