@@ -102,15 +102,16 @@ def output_stems(audio_paths: List[str]) -> List[str]:
     return stems
 
 
-def load_transcriber(model_path: str, allow_pickle: bool = False):
+def load_transcriber(model_path: str, allow_pickle: bool = False, **config_overrides):
     """(model, processor) from a Sound2Sheet folder or Hub id, with a clear error when it cannot be loaded.
-    Weights are read from safetensors; pickled weights only with `allow_pickle` (then with weights_only=True)."""
+    Weights are read from safetensors; pickled weights only with `allow_pickle` (then with weights_only=True).
+    `config_overrides` (e.g. `frame_loss_weight=1.0`) change the loaded configuration; weights it adds are new."""
     from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor
 
     if os.path.sep in model_path and not os.path.isdir(model_path):
         raise UsageError(f"--model {model_path}: no such model folder")
     try:
-        model = Sound2SheetForConditionalGeneration.from_pretrained(model_path, allow_pickle=allow_pickle).eval()
+        model = Sound2SheetForConditionalGeneration.from_pretrained(model_path, allow_pickle=allow_pickle, **config_overrides).eval()
         processor = Sound2SheetProcessor.from_pretrained(model_path)
     except (OSError, ValueError) as err:
         raise UsageError(f"--model {model_path}: cannot load a Sound2Sheet model ({str(err).splitlines()[0]})") from None
@@ -240,6 +241,10 @@ class ModelArguments:
     freeze_encoder: bool = field(default=False, metadata={"help": "Do not train the AST encoder."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept a starting model with pickled weights (.bin), loaded with weights_only=True."})
     max_target_length: int = field(default=1024, metadata={"help": "Longest token sequence per window."})
+    frame_loss_weight: Optional[float] = field(
+        default=None,
+        metadata={"help": "Weight of the auxiliary onset/frame loss on the encoder (0: none; default: the checkpoint's, or 0)."},
+    )
 
 
 @dataclass
@@ -339,7 +344,8 @@ def build_model_and_processor(model_args: ModelArguments):
     )
 
     if model_args.model_name_or_path:
-        model, processor = load_transcriber(model_args.model_name_or_path, model_args.allow_pickle)
+        overrides = {} if model_args.frame_loss_weight is None else {"frame_loss_weight": model_args.frame_loss_weight}
+        model, processor = load_transcriber(model_args.model_name_or_path, model_args.allow_pickle, **overrides)
         if model_args.freeze_encoder:
             model.freeze_encoder()
         return model.train(), processor
@@ -354,6 +360,7 @@ def build_model_and_processor(model_args: ModelArguments):
         dropout=model_args.dropout,
         max_target_positions=model_args.max_target_length,
         freeze_encoder=model_args.freeze_encoder,
+        frame_loss_weight=model_args.frame_loss_weight or 0.0,
         encoder_config={
             "hidden_size": model_args.encoder_hidden_size,
             "num_hidden_layers": model_args.encoder_layers,
@@ -457,6 +464,7 @@ def run_train(argv: List[str]) -> int:
     train_dataset = WindowDataset(
         train_pieces, feature_extractor, tokenizer, train=True, windows_per_piece=data_args.train_windows_per_piece,
         seed=training_args.seed, augment=Augmentation() if data_args.augment else None, max_target_length=max_target,
+        frame_grid=model.config.frame_grid if model.config.frame_loss_weight > 0 else None,
     )
     eval_dataset = WindowDataset(val_pieces, feature_extractor, tokenizer, train=False, max_target_length=max_target,
                                  max_windows=data_args.max_eval_windows)

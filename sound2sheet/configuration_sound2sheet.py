@@ -61,6 +61,12 @@ class Sound2SheetConfig(PretrainedConfig):
             Activation of the decoder feed-forward layers.
         max_target_positions (`int`, *optional*, defaults to 1024):
             Longest token sequence the decoder handles for one window (learned position embeddings).
+        frame_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of an auxiliary training loss on the encoder: a linear head reads each column of encoder tokens
+            and predicts which pitches start and which sound at that column's centre (binary cross-entropy against
+            `frame_labels`, see `WindowDataset(frame_grid=...)`). Dense targets for every 40 ms of audio teach the
+            encoder pitch and onset features sooner than the token loss alone. 0 builds no head; the head is unused
+            by `generate`.
         freeze_encoder (`bool`, *optional*, defaults to `False`):
             Build the model with the AST encoder's parameters frozen (`requires_grad=False`); the projection to the
             decoder stays trainable. Toggle later with `model.freeze_encoder()` / `model.unfreeze_encoder()`.
@@ -106,6 +112,7 @@ class Sound2SheetConfig(PretrainedConfig):
     dropout: float = 0.1
     activation_function: str = "gelu"
     max_target_positions: int = 1024
+    frame_loss_weight: float = 0.0
     freeze_encoder: bool = False
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -133,6 +140,8 @@ class Sound2SheetConfig(PretrainedConfig):
         for name in ("vocab_size", "num_decoder_layers", "max_target_positions", "intermediate_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.frame_loss_weight < 0:
+            raise ValueError(f"frame_loss_weight must be >= 0, got {self.frame_loss_weight}.")
         for name in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"):
             token_id = getattr(self, name)
             if token_id is not None and not 0 <= token_id < self.vocab_size:
@@ -147,6 +156,15 @@ class Sound2SheetConfig(PretrainedConfig):
     def encoder_seconds_per_column(self) -> float:
         """Time between neighbouring encoder token columns, for 10 ms feature frames."""
         return self.encoder_config.time_stride * 0.01
+
+    @property
+    def frame_grid(self) -> tuple[float, float, int]:
+        """(centre of the first encoder token column in seconds, seconds between columns, number of columns): the time
+        grid of `frame_labels`. Feature frame `f` is centred at `f` x 10 ms, so a patch over frames `[0, patch)` is
+        centred at `(patch - 1) / 2` x 10 ms."""
+        patch = self.encoder_config.patch_size
+        patch_t = patch if isinstance(patch, int) else tuple(patch)[1]
+        return (patch_t - 1) * 0.01 / 2, self.encoder_seconds_per_column, self.encoder_grid[1]
 
 
 def encoder_patch_grid(encoder_config: ASTConfig) -> tuple[int, int]:

@@ -29,6 +29,8 @@ from transformers.modeling_outputs import (
 
 from .configuration_sound2sheet import Sound2SheetConfig, encoder_patch_grid
 
+FRAME_PITCHES = 128  # MIDI pitches the auxiliary frame head predicts, as the tokenizer's pitch tokens
+
 AST_SPECIAL_TOKENS = 2  # the CLS and distillation tokens AST puts before its patch tokens
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # weight files torch.load would unpickle
 
@@ -354,6 +356,9 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         super().__init__(config)
         self.model = Sound2SheetModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        rows, _ = config.encoder_grid
+        # Auxiliary head (training only): one column of encoder tokens -> onset and sounding logits per MIDI pitch.
+        self.frame_head = nn.Linear(rows * config.hidden_size, 2 * FRAME_PITCHES) if config.frame_loss_weight > 0 else None
         self.post_init()
         generation = self.generation_config
         if generation is not None and generation.max_length in (None, 20) and generation.max_new_tokens is None:
@@ -405,12 +410,16 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         past_key_values: Optional[Cache] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
+        frame_labels: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         r"""
         input_values (`torch.FloatTensor` of shape `(batch, frames, mel_bins)`): log-mel windows.
         labels (`torch.LongTensor` of shape `(batch, target_length)`, *optional*): note-event token ids ending in EOS,
             -100 where the loss should ignore them (padding). Shifted right inside to make `decoder_input_ids`.
+        frame_labels (`torch.FloatTensor` of shape `(batch, columns, 256)`, *optional*): per encoder token column, 1
+            where a MIDI pitch starts (first 128) and where it sounds (last 128); see `frame_logits`. With
+            `config.frame_loss_weight > 0`, their loss times that weight is added to the token loss.
         """
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
@@ -426,12 +435,31 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        if frame_labels is not None:
+            frame_logits = self.frame_logits(outputs.encoder_last_hidden_state)
+            if frame_labels.shape != frame_logits.shape:
+                raise ValueError(f"frame_labels must have shape {tuple(frame_logits.shape)}, got {tuple(frame_labels.shape)}.")
+            frame_loss = F.binary_cross_entropy_with_logits(frame_logits.float(), frame_labels.float())
+            frame_loss = self.config.frame_loss_weight * frame_loss
+            loss = frame_loss if loss is None else loss + frame_loss
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
         )
+
+    def frame_logits(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, columns, 256) logits of the auxiliary head from the encoder output (batch, 2 + rows x columns,
+        hidden): for each encoder token column, whether each MIDI pitch starts there (first 128) and sounds at its
+        centre (last 128). `config.frame_grid` gives the columns' times."""
+        if self.frame_head is None:
+            raise ValueError("This model has no frame head: build it with frame_loss_weight > 0 to use frame_labels.")
+        rows, columns = self.config.encoder_grid
+        patches = encoder_hidden_states[:, -rows * columns :]  # AST puts its CLS and distillation tokens first
+        batch, _, hidden = patches.shape
+        by_column = patches.reshape(batch, rows, columns, hidden).transpose(1, 2).reshape(batch, columns, rows * hidden)
+        return self.frame_head(by_column)
 
     @classmethod
     def from_encoder_pretrained(

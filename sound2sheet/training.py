@@ -160,6 +160,12 @@ class Sound2SheetTrainer(Seq2SeqTrainer):
             )
         return loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        # The auxiliary frame targets only train the encoder: evaluation scores the tokens (and `generate` would
+        # refuse them as unknown model inputs).
+        inputs = {key: value for key, value in inputs.items() if key != "frame_labels"}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+
 
 class DatasetEpochCallback(TrainerCallback):
     """Tells a dataset with `set_epoch` (the training windows) which epoch starts, so each epoch draws new windows.

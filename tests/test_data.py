@@ -23,6 +23,7 @@ from sound2sheet.data import (
     read_manifest,
 )
 from sound2sheet.data.__main__ import main as data_main
+from sound2sheet.data.windows import frame_labels
 from sound2sheet.data.maestro import MaestroError, import_maestro
 
 from .data_fixtures import edit_manifest, expected_notes, make_dataset, write_midi_with_pedal
@@ -224,6 +225,39 @@ def test_collator_pads_labels_with_minus_100():
     ])
     assert batch["input_values"].shape == (2, 256, 128)
     assert batch["labels"].tolist() == [[422, 1, -100, -100, -100], [422, 4, 400, 300, 1]]
+
+
+def test_frame_labels_mark_onsets_at_the_nearest_column_and_sounding_notes_at_centres():
+    grid = (0.075, 0.04, 61)  # the 16-frame patches at a time stride of 4 frames, over 2.56 s
+    notes = [
+        Note(1.00, 1.50, 60, 90),  # 1.00 s from a window at 0.5 s: (0.5 - 0.075) / 0.04 = 10.6 -> column 11
+        Note(0.40, 0.60, 64, 80),  # starts before the window, sounds until 0.1 s into it: no onset
+        Note(0.51, 0.52, 67, 80),  # 10 ms at 0.01 s: onset in column 0, sounds at no column centre
+        Note(3.20, 3.50, 72, 80),  # after the window
+        Note(2.90, 3.20, 48, 80),  # 2.40 s: (2.40 - 0.075) / 0.04 = 58.1 -> column 58
+    ]
+    labels = frame_labels(notes, 0.5, grid)
+    assert labels.shape == (61, 256) and labels.dtype == np.float32
+    assert sorted(zip(*np.nonzero(labels[:, :128]))) == [(0, 67), (11, 60), (58, 48)]
+    sounding = {pitch: np.nonzero(labels[:, 128 + pitch])[0].tolist() for pitch in (60, 64, 67, 48)}
+    assert sounding[60] == list(range(11, 24))  # centres 0.515 ... 0.995 s lie in [0.5, 1.0)
+    assert sounding[64] == [0]  # the centre at 0.075 s lies before 0.1 s
+    assert sounding[67] == []
+    assert sounding[48] == list(range(59, 61))  # 2.475 and 2.515 s; 2.435 s is before the onset at 2.40 s
+    assert labels.sum() == 3 + 13 + 1 + 2
+
+
+def test_windows_carry_frame_labels_when_given_a_grid_and_the_collator_stacks_them(dataset, tmp_path):
+    grid = (0.075, 0.04, 61)
+    windows = WindowDataset(pieces(dataset, tmp_path), EXTRACTOR, TOKENIZER, train=False, frame_grid=grid)
+    notes = pieces(dataset, tmp_path)[0][2]
+    assert np.array_equal(windows[1]["frame_labels"].numpy(), frame_labels(notes, 2.56, grid))
+    assert "frame_labels" not in WindowDataset(pieces(dataset, tmp_path), EXTRACTOR, TOKENIZER, train=False)[1]
+    batch = Sound2SheetDataCollator()([windows[0], windows[1]])
+    assert batch["frame_labels"].shape == (2, 61, 256)
+    assert torch.equal(batch["frame_labels"][1], windows[1]["frame_labels"])
+    with pytest.raises(ValueError, match="some examples have frame_labels and some do not"):
+        Sound2SheetDataCollator()([windows[0], {"input_values": windows[1]["input_values"], "labels": windows[1]["labels"]}])
 
 
 def test_augmentation_changes_audio_but_not_labels_and_is_seeded(dataset, tmp_path):

@@ -126,6 +126,59 @@ def test_loss_falls_when_training_on_one_batch(tester):
     assert losses[-1] < 0.3 * losses[0]
 
 
+def test_frame_loss_adds_weighted_binary_cross_entropy_to_the_token_loss(tester):
+    model = tester.get_model(frame_loss_weight=2.5)
+    rows, columns = model.config.encoder_grid
+    inputs, labels = tester.get_inputs(), tester.get_labels()
+    frame_labels = (torch.rand(2, columns, 256, generator=torch.Generator().manual_seed(3)) < 0.1).float()
+    output = model(inputs, labels=labels, frame_labels=frame_labels)
+    token_loss = model(inputs, labels=labels).loss
+    frame_logits = model.frame_logits(model.get_encoder()(inputs).last_hidden_state)
+    expected = token_loss + 2.5 * torch.nn.functional.binary_cross_entropy_with_logits(frame_logits, frame_labels)
+    assert frame_logits.shape == (2, columns, 256)
+    assert torch.allclose(output.loss, expected, atol=1e-6)
+    assert not torch.allclose(output.loss, token_loss)
+
+
+def test_frame_head_reads_one_column_of_encoder_tokens(tester):
+    model = tester.get_model(frame_loss_weight=1.0)
+    rows, columns = model.config.encoder_grid
+    hidden = torch.zeros(1, 2 + rows * columns, model.config.hidden_size)
+    hidden[0, 0:2] = 5.0  # the CLS and distillation tokens are not read
+    for row in range(rows):
+        hidden[0, 2 + row * columns + 3] = 1.0  # AST's tokens run row by row: column 3 of every frequency row
+    logits = model.frame_logits(hidden)
+    bias = model.frame_head.bias.detach()
+    moved = [column for column in range(columns) if not torch.allclose(logits[0, column], bias)]
+    assert moved == [3]
+    assert torch.allclose(logits[0, 3], model.frame_head(torch.ones(rows * model.config.hidden_size)), atol=1e-6)
+
+
+def test_frame_labels_need_a_frame_head_of_the_right_shape(tester, model):
+    inputs = tester.get_inputs()
+    with pytest.raises(ValueError, match="no frame head: build it with frame_loss_weight > 0"):
+        model(inputs, labels=tester.get_labels(), frame_labels=torch.zeros(2, 3, 256))
+    with_head = tester.get_model(frame_loss_weight=1.0)
+    columns = with_head.config.encoder_grid[1]
+    with pytest.raises(ValueError, match=rf"frame_labels must have shape \(2, {columns}, 256\), got \(2, 3, 256\)"):
+        with_head(inputs, labels=tester.get_labels(), frame_labels=torch.zeros(2, 3, 256))
+    with pytest.raises(ValueError, match="frame_loss_weight must be >= 0"):
+        tester.get_config(frame_loss_weight=-1.0)
+
+
+def test_frame_grid_gives_the_centres_of_the_encoder_columns(tester):
+    config = tester.get_config(encoder_config={"patch_size": 16, "time_stride": 4, "max_length": 256, "num_mel_bins": 128, "frequency_stride": 16})
+    assert config.frame_grid == (0.075, 0.04, 61)  # patch over frames 0-15 is centred at 7.5 frames
+
+
+def test_a_frame_head_added_to_a_checkpoint_is_new_and_the_rest_is_kept(tester, model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = Sound2SheetForConditionalGeneration.from_pretrained(tmp_path, frame_loss_weight=1.0)
+    assert loaded.config.frame_loss_weight == 1.0 and loaded.frame_head is not None
+    inputs = tester.get_inputs()
+    assert torch.equal(loaded.generate(inputs, max_new_tokens=8), model.generate(inputs, max_new_tokens=8))
+
+
 # --- generation --------------------------------------------------------------------------------------------------
 
 

@@ -89,6 +89,24 @@ def test_early_stopping_stops(run_transcription, dataset, tmp_path):
     assert len(history["epochs"]) == 2  # the first evaluation sets the best; the second does not beat it by 100
 
 
+def test_training_with_the_frame_loss_trains_and_saves_the_head_and_evaluates_tokens_only(run_transcription, dataset, tmp_path):
+    out = tmp_path / "frames"
+    code = train(run_transcription, dataset, out, "--max_steps", "3", "--frame_loss_weight", "5.0", "--eval_strategy", "steps",
+                 "--eval_steps", "3", "--save_strategy", "no", "--max_eval_windows", "2")
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["frame_loss_weight"] == 5.0
+    weights = load_file(out / "model.safetensors")
+    assert weights["frame_head.weight"].shape == (256, 8 * 32)  # 2 x 128 pitches from 8 frequency rows of 32-wide tokens
+    state = json.loads((out / "trainer_state.json").read_text())
+    train_losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    (eval_loss,) = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    assert len(train_losses) == 3 and min(train_losses) > eval_loss  # 5 x frame BCE (~0.69 at first) on top in training
+    # a later stage changes the weight of a checkpoint: the head and its weight come from the command line
+    again = tmp_path / "again"
+    code = train(run_transcription, dataset, again, "--model_name_or_path", str(out), "--max_steps", "1", "--frame_loss_weight", "0.5")
+    assert code == 0 and json.loads((again / "config.json").read_text())["frame_loss_weight"] == 0.5
+
+
 def run_script(args, env_extra=None, **kwargs):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.Popen([sys.executable, str(REPO_ROOT / "run_transcription.py"), *args], env=env,

@@ -13,14 +13,15 @@ LABEL_PAD = -100  # PyTorch cross-entropy's default ignore_index: padded label p
 
 @dataclass
 class Sound2SheetDataCollator:
-    """Pads and stacks window examples (`input_values`, optional `attention_mask`, `labels`).
+    """Pads and stacks window examples (`input_values`, optional `attention_mask`, `labels`, `frame_labels`).
 
     `input_values` (frames, mel bins) are padded along frames to the longest in the batch with
     `feature_padding_value` (windows from `WindowDataset` all have 256 frames, so this only matters for hand-made
     examples); `attention_mask` is padded with 0, or made from the frame counts when some examples lack it.
     `labels` (token ids ending in EOS) are padded with `label_pad`; any `pad_token_id` already inside a label sequence
     (e.g. labels pre-padded by the tokenizer) becomes `label_pad` too, so padding never counts in the loss. The model
-    shifts the labels itself to make `decoder_input_ids`.
+    shifts the labels itself to make `decoder_input_ids`. `frame_labels` (the auxiliary frame head's targets) are
+    stacked as they are.
 
     Args:
         pad_token_id (`int`, *optional*, defaults to 0): the tokenizer's padding id.
@@ -59,6 +60,10 @@ class Sound2SheetDataCollator:
             batch["labels"] = self.pad_labels([f["labels"] for f in features])
         elif any("labels" in f and f["labels"] is not None for f in features):
             raise ValueError("Sound2SheetDataCollator: some examples have labels and some do not.")
+        if any(f.get("frame_labels") is not None for f in features):
+            if not all(f.get("frame_labels") is not None for f in features):
+                raise ValueError("Sound2SheetDataCollator: some examples have frame_labels and some do not.")
+            batch["frame_labels"] = torch.stack([torch.as_tensor(f["frame_labels"], dtype=torch.float32) for f in features])
         return batch
 
     def pad_labels(self, labels: List) -> torch.Tensor:

@@ -20,7 +20,7 @@ filter sees real signal rather than an edge.
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import soundfile
@@ -85,6 +85,28 @@ def read_segment(path: str, start: float, samples: int, sampling_rate: int) -> n
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+def frame_labels(notes: Sequence[Note], window_start: float, frame_grid: Tuple[float, float, int], num_pitches: int = 128) -> np.ndarray:
+    """(columns, 2 x num_pitches) float32 targets of the model's auxiliary frame head for one window.
+
+    `frame_grid` is (centre of the first column in seconds, seconds between columns, columns), as
+    `Sound2SheetConfig.frame_grid` gives it. Column `c` (centred at `first + c x step` into the window) has 1 at
+    pitch `p` when a note of pitch `p` starts nearest to that centre (onsets before the first centre go to column
+    0, after the last to the last column), and 1 at `num_pitches + p` when such a note sounds at the centre.
+    """
+    first, step, columns = frame_grid
+    labels = np.zeros((columns, 2 * num_pitches), dtype=np.float32)
+    window_end = first + (columns - 1) * step + step / 2
+    centres = first + step * np.arange(columns)
+    for note in notes:
+        onset, offset = note.onset - window_start, note.offset - window_start
+        if offset <= 0 or onset >= window_end or not 0 <= note.pitch < num_pitches:
+            continue
+        if onset >= 0:
+            labels[min(max(int(round((onset - first) / step)), 0), columns - 1), note.pitch] = 1.0
+        labels[(centres >= onset) & (centres < offset), num_pitches + note.pitch] = 1.0
+    return labels
+
+
 def validation_window_starts(duration: float, window_seconds: float) -> List[float]:
     """Starts of the fixed windows tiling a piece of `duration` seconds: 0, w, 2w, ... (at least one window)."""
     count = max(1, math.ceil(round(duration / window_seconds, 6)))
@@ -117,6 +139,8 @@ class WindowDataset(torch.utils.data.Dataset):
         augment: an `Augmentation` applied to training windows (ignored when `train=False`).
         max_target_length: labels longer than this are cut (EOS kept).
         max_windows: keep only the first N examples (e.g. to bound validation time).
+        frame_grid: (first column centre in seconds, seconds between columns, columns), e.g. `model.config.frame_grid`;
+            when given, examples also carry `frame_labels` (see `frame_labels`) for the auxiliary frame loss.
     """
 
     def __init__(
@@ -130,6 +154,7 @@ class WindowDataset(torch.utils.data.Dataset):
         augment: Optional[Augmentation] = None,
         max_target_length: int = 1024,
         max_windows: Optional[int] = None,
+        frame_grid: Optional[Tuple[float, float, int]] = None,
     ):
         if windows_per_piece < 1:
             raise ValueError(f"windows_per_piece must be at least 1, got {windows_per_piece}.")
@@ -143,6 +168,7 @@ class WindowDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.augment = augment if train else None
         self.max_target_length = max_target_length
+        self.frame_grid = tuple(frame_grid) if frame_grid is not None else None
         self.sampling_rate = int(feature_extractor.sampling_rate)
         self.window_seconds = float(feature_extractor.window_seconds)
         self.window_samples = int(round(self.window_seconds * self.sampling_rate))
@@ -193,7 +219,11 @@ class WindowDataset(torch.utils.data.Dataset):
             raise IndexError(f"WindowDataset index {item} out of range for {len(self)} windows")
         item = item % len(self)
         features = self.feature_extractor(self.window_samples_of(item), sampling_rate=self.sampling_rate, return_tensors="pt")
-        return {"input_values": features["input_values"][0], "labels": self.labels_of(item)}
+        example = {"input_values": features["input_values"][0], "labels": self.labels_of(item)}
+        if self.frame_grid is not None:
+            piece, _ = self.index[item]
+            example["frame_labels"] = torch.from_numpy(frame_labels(self.pieces[piece].notes, self.window_start(item), self.frame_grid))
+        return example
 
 
 def pieces_from_dataset(dataset) -> List[Piece]:
@@ -210,6 +240,7 @@ __all__ = [
     "validation_window_starts",
     "random_window_start",
     "truncate_labels",
+    "frame_labels",
     "pieces_from_dataset",
     "WINDOW_GRID",
 ]
