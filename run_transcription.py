@@ -52,16 +52,27 @@ class TranscribeArguments:
     batch_size: int = field(default=8, metadata={"help": "Windows decoded together (memory grows with it)."})
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})
-    bf16: bool = field(default=False, metadata={"help": "Run the model under bfloat16 autocast on CPU."})
+    bf16: Optional[bool] = field(
+        default=None,
+        metadata={"help": "bfloat16 autocast on CPU: true/false (default: on exactly when the CPU has AMX or AVX512-BF16)."},
+    )
     tempo: Optional[float] = field(default=None, metadata={"help": "Score tempo in BPM (musicxml/pdf/png; default: estimated)."})
     time_signature: Optional[str] = field(default=None, metadata={"help": "Score time signature, 3/4 or 4/4 (default: estimated)."})
 
 
 def build_parser(dataclass_types, prog: str):
-    """An HfArgumentParser whose errors become one-line `UsageError`s instead of argparse's usage dump."""
+    """An HfArgumentParser whose errors become one-line `UsageError`s instead of argparse's usage dump.
+
+    Optional booleans that default to None ("decide automatically") also take the flag alone as true, as plain
+    booleans do: `--bf16` is `--bf16 true`, `--bf16 false` turns it off, no flag leaves the choice to the program.
+    """
     from transformers import HfArgumentParser
+    from transformers.hf_argparser import string_to_bool
 
     parser = HfArgumentParser(dataclass_types, prog=prog)
+    for action in parser._actions:
+        if action.type is string_to_bool and action.default is None and action.nargs is None:
+            action.nargs, action.const = "?", True
 
     def error(message: str):
         raise UsageError(message)
@@ -543,7 +554,9 @@ class EvaluateArguments:
     top_k: Optional[int] = field(default=None, metadata={"help": "Top-k sampling."})
     top_p: Optional[float] = field(default=None, metadata={"help": "Nucleus sampling mass."})
     batch_size: int = field(default=8, metadata={"help": "Windows decoded together."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast on CPU."})
+    bf16: Optional[bool] = field(
+        default=None, metadata={"help": "bfloat16 autocast on CPU: true/false (default: on exactly when the CPU has AMX or AVX512-BF16)."}
+    )
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
     max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})

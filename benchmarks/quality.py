@@ -41,14 +41,21 @@ def sound2sheet_system(model_path: str, batch_size: int) -> Callable[[str], List
     return lambda path: processor.transcribe(path, model, batch_size=batch_size)
 
 
-def basic_pitch_system() -> Callable[[str], List[Note]] | None:
-    """basic-pitch 0.4.0 through its ONNX model, or None when it is not installed."""
+def basic_pitch_system(threads: int | None = None) -> Callable[[str], List[Note]] | None:
+    """basic-pitch 0.4.0 through its ONNX model (onnxruntime on `threads` threads, default: its own choice), or None
+    when it is not installed."""
     try:
+        import onnxruntime
         from basic_pitch import FilenameSuffix, build_icassp_2022_model_path
         from basic_pitch.inference import Model, predict
     except ImportError:
         return None
-    model = Model(build_icassp_2022_model_path(FilenameSuffix.onnx))
+    model_path = build_icassp_2022_model_path(FilenameSuffix.onnx)
+    model = Model(model_path)
+    if threads is not None:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        model.model = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
     def transcribe(path: str) -> List[Note]:
         _, _, events = predict(path, model)
@@ -76,7 +83,7 @@ def main():
 
     examples = list(load_manifest_dataset(args.manifest_dir, split=args.split))[: args.max_pieces]
     systems: Dict[str, Callable[[str], List[Note]]] = {"sound2sheet": sound2sheet_system(args.model, args.batch_size)}
-    other = None if args.no_basic_pitch else basic_pitch_system()
+    other = None if args.no_basic_pitch else basic_pitch_system(threads=args.threads)
     if other is not None:
         systems["basic-pitch 0.4.0"] = other
     else:

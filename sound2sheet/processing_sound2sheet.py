@@ -17,6 +17,25 @@ from .notes import Note, pitch_list, sort_notes, write_midi
 AudioInput = Union[str, os.PathLike, np.ndarray]
 
 GENERATION_STRATEGIES = ("greedy", "beam", "sample")
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute in bfloat16 natively
+
+
+def cpu_has_fast_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16), read from `cpuinfo` (Linux). Elsewhere,
+    where PyTorch emulates bfloat16 and autocast is several times slower than float32, or unknown: False."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def use_bf16(bf16: Optional[bool], model) -> bool:
+    """The autocast decision: `bf16` if given, else bfloat16 exactly when the model runs on a CPU that has it natively."""
+    if model.device.type != "cpu":
+        return False
+    return cpu_has_fast_bf16() if bf16 is None else bool(bf16)
 
 
 def strategy_generate_kwargs(
@@ -175,11 +194,12 @@ class Sound2SheetProcessor(ProcessorMixin):
         windows: Iterable[np.ndarray],
         model,
         batch_size: int = 8,
-        bf16: bool = False,
+        bf16: Optional[bool] = None,
         **generate_kwargs,
     ) -> Iterator[List[int]]:
-        """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time."""
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and model.device.type == "cpu" else nullcontext()
+        """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time (`bf16`: see
+        `transcribe`)."""
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16(bf16, model) else nullcontext()
         for batch in _batched(windows, batch_size):
             features = self.feature_extractor(batch, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt")
             with torch.inference_mode(), autocast:
@@ -197,7 +217,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         batch_size: int = 8,
         midi_path: Optional[str | os.PathLike] = None,
         progress: bool = False,
-        bf16: bool = False,
+        bf16: Optional[bool] = None,
         **generate_kwargs: Any,
     ) -> List[Note]:
         """Transcribe audio of any length into notes (seconds from the start of the audio), in onset order.
@@ -208,7 +228,9 @@ class Sound2SheetProcessor(ProcessorMixin):
             batch_size: windows decoded together; memory grows with it, not with the audio length.
             midi_path: also write the notes to this MIDI file.
             progress: show a progress bar over the windows.
-            bf16: run the model under bfloat16 autocast on CPU (faster on CPUs with AMX/AVX512-BF16).
+            bf16: run the model under bfloat16 autocast on CPU. None (default): exactly when the CPU computes
+                bfloat16 natively (AMX or AVX512-BF16; `cpu_has_fast_bf16`), where it is faster; elsewhere PyTorch
+                emulates it and float32 is faster. The notes match float32's up to rare near-ties.
             generate_kwargs: decoding options for `model.generate()` (`num_beams`, `do_sample`, `temperature`, `top_k`,
                 `top_p`, `max_new_tokens`, ...); see `strategy_generate_kwargs` for named strategies.
 
@@ -238,4 +260,4 @@ class Sound2SheetProcessor(ProcessorMixin):
         return pitch_list(self.transcribe(audio, model, **kwargs))
 
 
-__all__ = ["Sound2SheetProcessor", "strategy_generate_kwargs", "GENERATION_STRATEGIES"]
+__all__ = ["Sound2SheetProcessor", "strategy_generate_kwargs", "cpu_has_fast_bf16", "GENERATION_STRATEGIES"]

@@ -17,7 +17,7 @@ from sound2sheet import (
     read_midi,
 )
 from sound2sheet.feature_extraction_sound2sheet import load_audio
-from sound2sheet.processing_sound2sheet import strategy_generate_kwargs
+from sound2sheet.processing_sound2sheet import cpu_has_fast_bf16, strategy_generate_kwargs
 
 from .conftest import piano_like
 
@@ -179,3 +179,35 @@ def test_pipeline_rejects_chunking_options(transcriber, audio_files):
 def test_pipeline_errors_name_the_file(transcriber, tmp_path):
     with pytest.raises(ValueError, match=f"^{tmp_path / 'missing.wav'}: no such file$"):
         transcriber(str(tmp_path / "missing.wav"))
+
+
+# --- bfloat16 on CPUs that have it ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [("fpu sse avx2 fma", False), ("fpu avx512f avx512_bf16 avx2", True), ("fpu amx_bf16 amx_tile avx512f", True)],
+)
+def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert cpu_has_fast_bf16(cpuinfo) is expected
+    assert cpu_has_fast_bf16(tmp_path / "missing") is False
+
+
+@pytest.mark.parametrize("bf16, native, expected", [(None, False, torch.float32), (None, True, torch.bfloat16),
+                                                    (True, False, torch.bfloat16), (False, True, torch.float32)])
+def test_transcribe_uses_bf16_when_asked_or_when_the_cpu_has_it(tiny_model_dir, audio_files, monkeypatch, bf16, native, expected):
+    model = Sound2SheetForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    processor = Sound2SheetProcessor.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr("sound2sheet.processing_sound2sheet.cpu_has_fast_bf16", lambda: native)
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    processor.transcribe(str(audio_files["wav"]), model, bf16=bf16, max_new_tokens=2)
+    assert seen and set(seen) == {expected}
+
+
+def test_cli_bf16_flag_alone_means_true_and_absent_means_automatic(run_transcription):
+    parser = run_transcription.build_parser((run_transcription.TranscribeArguments,), prog="transcribe")
+    parse = lambda *argv: parser.parse_args_into_dataclasses(["--output-dir", "out", *argv], return_remaining_strings=True)[0].bf16  # noqa: E731
+    assert (parse(), parse("--bf16"), parse("--bf16", "false"), parse("--bf16", "true")) == (None, True, False, True)
