@@ -1,12 +1,13 @@
 """Package a trained run as a shippable model folder with its model card.
 
-    python examples/package_model.py runs/sound2sheet-piano-small models/sound2sheet-piano-small \
-        --quality quality.json --training-log runs/sound2sheet-piano-small/trainer_state.json
+    python examples/package_model.py runs/piano-small-stage2 models/sound2sheet-piano-small \
+        --quality quality.json --training-summary "..."
 
-Copies the inference files of RUN (its final model, or --checkpoint) into DEST (weights as safetensors, config,
-generation config, tokenizer and feature extractor), and writes the model card `DEST/README.md` (also copied to
-`model_cards/<name>.md`) with the recipe (examples/train_piano_small.json), the data, the parameter count, and the
-test-split results that `benchmarks/quality.py --report quality.json` measured, in the card's `model-index`.
+Copies the inference files of RUN (a run's final model, or a checkpoint folder) into DEST (weights as safetensors,
+config, generation config, tokenizer and feature extractor), without the training-only frame head, and writes the
+model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the two-stage recipe
+(examples/train_piano_small.json, then examples/train_piano_small_stage2.json), the data, the parameter count, and
+the test-split results that `benchmarks/quality.py --report quality.json` measured, in the card's `model-index`.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcesso
 from sound2sheet.training import write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "examples" / "train_piano_small.json"
+RECIPES = (REPO / "examples" / "train_piano_small.json", REPO / "examples" / "train_piano_small_stage2.json")
 CORPUS_COMMAND = "python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0"
 MAX_WEIGHTS_MB = 40
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="training output folder (or a checkpoint folder)")
     parser.add_argument("dest", help="model folder to write")
     parser.add_argument("--quality", required=True, help="JSON report of benchmarks/quality.py --report")
     parser.add_argument("--training-summary", default="", help="free text on how long and how far it was trained")
-    args = parser.parse_args()
+    parser.add_argument("--cards-dir", default=str(REPO / "model_cards"), help="where the copy of the model card goes")
+    args = parser.parse_args(argv)
     source, dest = Path(args.run), Path(args.dest)
-    model = Sound2SheetForConditionalGeneration.from_pretrained(source).eval()
+    # The auxiliary frame head only trains the encoder: the shipped model is built without it (its weights are skipped).
+    model = Sound2SheetForConditionalGeneration.from_pretrained(source, frame_loss_weight=0.0).eval()
     processor = Sound2SheetProcessor.from_pretrained(source)
     if dest.exists():
         shutil.rmtree(dest)
@@ -48,19 +51,23 @@ def main():
     for name, row in quality["summary"].items():
         lines.append(f"| {name} | {row['onset_f1']:.3f} | {row['onset_offset_f1']:.3f} | {row['onset_offset_velocity_f1']:.3f} "
                      f"| {row['cpu_seconds_per_audio_second']:.3f} |")
+    stage1, stage2 = (recipe.read_text().strip() for recipe in RECIPES)
     recipe = (
         f"1. Render the corpus: `{CORPUS_COMMAND}` (music21 corpus without the reserved pieces, plus procedural piano "
         "music; FluidR3_GM and MuseScore_General for training and validation, TimGM6mb kept for the test split).\n"
-        f"2. Train: `python run_transcription.py train examples/train_piano_small.json` on the CPU, fp32.\n\n"
-        f"```json\n{RECIPE.read_text().strip()}\n```\n\n{args.training_summary}"
+        "2. Stage 1, token loss only: `python run_transcription.py train examples/train_piano_small.json` on the CPU, "
+        "fp32; stage 2 starts from its `checkpoint-2500` (the run may be stopped once that is written).\n"
+        "3. Stage 2, with the auxiliary onset/frame loss on the encoder (weight 20): "
+        "`python run_transcription.py train examples/train_piano_small_stage2.json`.\n\n"
+        f"Stage 1:\n\n```json\n{stage1}\n```\n\nStage 2:\n\n```json\n{stage2}\n```\n\n{args.training_summary}"
     )
     extra = ("Whole test pieces (unseen pieces, the held-out TimGM6mb soundfont, pedal and tempo variation), measured "
              "with `python benchmarks/quality.py --report quality.json`, side by side with basic-pitch on the same "
              "files:\n\n" + "\n".join(lines))
     card = write_model_card(dest, model_name=dest.name, results=ours, parameters=model.count_parameters()["total"], recipe=recipe,
                             dataset_name="sound2sheet synthetic piano corpus (data/piano-synth, test split)", extra_sections=extra)
-    (REPO / "model_cards").mkdir(exist_ok=True)
-    shutil.copyfile(card, REPO / "model_cards" / f"{dest.name}.md")
+    Path(args.cards_dir).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(card, Path(args.cards_dir) / f"{dest.name}.md")
     print(f"{dest}: {size_mb:.1f} MB of weights, {model.count_parameters()['total'] / 1e6:.2f} M parameters; card {card}")
 
 

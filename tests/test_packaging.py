@@ -1,0 +1,57 @@
+"""examples/package_model.py: a trained folder becomes a shippable model folder and a model card."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sound2sheet import Sound2SheetFeatureExtractor, Sound2SheetForConditionalGeneration, Sound2SheetProcessor, Sound2SheetTokenizer
+
+from .model_tester import Sound2SheetModelTester
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packaging_drops_the_frame_head_and_writes_the_card_with_the_measured_results(tmp_path):
+    run = tmp_path / "run"
+    model = Sound2SheetModelTester().get_model(
+        frame_loss_weight=20.0, encoder_config={"max_length": 256, "num_mel_bins": 128, "frequency_stride": 16, "time_stride": 4}
+    )
+    model.save_pretrained(run)
+    Sound2SheetProcessor(Sound2SheetFeatureExtractor(), Sound2SheetTokenizer()).save_pretrained(run)
+    quality = {"summary": {
+        "sound2sheet": {"onset_f1": 0.612, "onset_offset_f1": 0.301, "onset_offset_velocity_f1": 0.12, "cpu_seconds_per_audio_second": 0.04},
+        "basic-pitch 0.4.0": {"onset_f1": 0.783, "onset_offset_f1": 0.428, "onset_offset_velocity_f1": 0.124, "cpu_seconds_per_audio_second": 0.096},
+    }}
+    (tmp_path / "quality.json").write_text(json.dumps(quality))
+    dest, cards = tmp_path / "models" / "piano-test", tmp_path / "cards"
+    load_script("package_model").main([str(run), str(dest), "--quality", str(tmp_path / "quality.json"),
+                                       "--training-summary", "Trained for a while.", "--cards-dir", str(cards)])
+
+    weights = load_file(dest / "model.safetensors")
+    assert not any(name.startswith("frame_head") for name in weights)
+    shipped = Sound2SheetForConditionalGeneration.from_pretrained(dest).eval()
+    assert shipped.config.frame_loss_weight == 0.0 and shipped.frame_head is None
+    for name, tensor in shipped.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    Sound2SheetProcessor.from_pretrained(dest)  # tokenizer and feature extractor files are there
+
+    card = (dest / "README.md").read_text()
+    assert (cards / "piano-test.md").read_text() == card
+    front = yaml.safe_load(card.split("---")[1])
+    metrics = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"Note F1 (onset)": 0.612, "Note F1 (onset+offset)": 0.301, "Note F1 (onset+offset+velocity)": 0.12}
+    assert "examples/train_piano_small_stage2.json" in card and '"frame_loss_weight": 20.0' in card
+    assert "| basic-pitch 0.4.0 | 0.783 | 0.428 | 0.124 | 0.096 |" in card and "Trained for a while." in card
