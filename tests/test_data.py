@@ -235,16 +235,18 @@ def test_frame_labels_mark_onsets_at_the_nearest_column_and_sounding_notes_at_ce
         Note(0.51, 0.52, 67, 80),  # 10 ms at 0.01 s: onset in column 0, sounds at no column centre
         Note(3.20, 3.50, 72, 80),  # after the window
         Note(2.90, 3.20, 48, 80),  # 2.40 s: (2.40 - 0.075) / 0.04 = 58.1 -> column 58
+        Note(3.05, 3.30, 50, 80),  # 2.55 s, inside the last patch (2.40-2.56 s): the last column, 60
+        Note(3.06, 3.30, 52, 80),  # 2.56 s: the next window's
     ]
     labels = frame_labels(notes, 0.5, grid)
     assert labels.shape == (61, 256) and labels.dtype == np.float32
-    assert sorted(zip(*np.nonzero(labels[:, :128]))) == [(0, 67), (11, 60), (58, 48)]
+    assert sorted(zip(*np.nonzero(labels[:, :128]))) == [(0, 67), (11, 60), (58, 48), (60, 50)]
     sounding = {pitch: np.nonzero(labels[:, 128 + pitch])[0].tolist() for pitch in (60, 64, 67, 48)}
     assert sounding[60] == list(range(11, 24))  # centres 0.515 ... 0.995 s lie in [0.5, 1.0)
     assert sounding[64] == [0]  # the centre at 0.075 s lies before 0.1 s
     assert sounding[67] == []
     assert sounding[48] == list(range(59, 61))  # 2.475 and 2.515 s; 2.435 s is before the onset at 2.40 s
-    assert labels.sum() == 3 + 13 + 1 + 2
+    assert labels.sum() == 4 + 13 + 1 + 2  # pitch 50 sounds at no centre: the last one (2.475 s) is before 2.55 s
 
 
 def test_windows_carry_frame_labels_when_given_a_grid_and_the_collator_stacks_them(dataset, tmp_path):

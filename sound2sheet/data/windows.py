@@ -91,11 +91,13 @@ def frame_labels(notes: Sequence[Note], window_start: float, frame_grid: Tuple[f
     `frame_grid` is (centre of the first column in seconds, seconds between columns, columns), as
     `Sound2SheetConfig.frame_grid` gives it. Column `c` (centred at `first + c x step` into the window) has 1 at
     pitch `p` when a note of pitch `p` starts nearest to that centre (onsets before the first centre go to column
-    0, after the last to the last column), and 1 at `num_pitches + p` when such a note sounds at the centre.
+    0, after the last to the last column), and 1 at `num_pitches + p` when such a note sounds at the centre. The
+    columns cover the window up to the end of the last patch, `(columns - 1) x step + 2 x first + 10 ms` (a patch
+    centred at `first` spans frames 0 to `2 x first / 10 ms`); onsets from there on belong to the next window.
     """
     first, step, columns = frame_grid
     labels = np.zeros((columns, 2 * num_pitches), dtype=np.float32)
-    window_end = first + (columns - 1) * step + step / 2
+    window_end = (columns - 1) * step + 2 * first + 0.01
     centres = first + step * np.arange(columns)
     for note in notes:
         onset, offset = note.onset - window_start, note.offset - window_start
