@@ -456,7 +456,7 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         if self.frame_head is None:
             raise ValueError("This model has no frame head: build it with frame_loss_weight > 0 to use frame_labels.")
         rows, columns = self.config.encoder_grid
-        patches = encoder_hidden_states[:, -rows * columns :]  # AST puts its CLS and distillation tokens first
+        patches = encoder_hidden_states[:, AST_SPECIAL_TOKENS:]
         batch, _, hidden = patches.shape
         by_column = patches.reshape(batch, rows, columns, hidden).transpose(1, 2).reshape(batch, columns, rows * hidden)
         return self.frame_head(by_column)

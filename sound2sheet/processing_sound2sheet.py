@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from contextlib import nullcontext
@@ -20,9 +21,10 @@ GENERATION_STRATEGIES = ("greedy", "beam", "sample")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute in bfloat16 natively
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_fast_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16), read from `cpuinfo` (Linux). Elsewhere,
-    where PyTorch emulates bfloat16 and autocast is several times slower than float32, or unknown: False."""
+    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16), read from `cpuinfo` (Linux) once per path.
+    Elsewhere, where PyTorch emulates bfloat16 and autocast is several times slower than float32, or unknown: False."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
             flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])

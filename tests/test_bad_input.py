@@ -25,7 +25,6 @@ from .conftest import piano_like
 from .data_fixtures import edit_manifest, make_dataset, write_midi_with_pedal
 
 
-
 def _truncated_flac(path: Path) -> Path:
     full = path.with_name("full-for-truncation.flac")
     soundfile.write(full, piano_like(5.0, 44100), 44100)
