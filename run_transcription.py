@@ -252,6 +252,12 @@ class ModelArguments:
     freeze_encoder: bool = field(default=False, metadata={"help": "Do not train the AST encoder."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept a starting model with pickled weights (.bin), loaded with weights_only=True."})
     max_target_length: int = field(default=1024, metadata={"help": "Longest token sequence per window."})
+    encoder_memory: Optional[str] = field(
+        default=None,
+        metadata={"help": "What the decoder attends to: 'patches' (every AST token) or 'columns' (one token per time "
+                  "column); default: the checkpoint's, or 'patches'. Changing a checkpoint's gives it a new projection.",
+                  "choices": ["patches", "columns"]},
+    )
     frame_loss_weight: Optional[float] = field(
         default=None,
         metadata={"help": "Weight of the auxiliary onset/frame loss on the encoder (0: none; default: the checkpoint's, or 0)."},
@@ -356,6 +362,9 @@ def build_model_and_processor(model_args: ModelArguments):
 
     if model_args.model_name_or_path:
         overrides = {} if model_args.frame_loss_weight is None else {"frame_loss_weight": model_args.frame_loss_weight}
+        if model_args.encoder_memory is not None:
+            # A new memory layout changes the projection's (and frame head's) shape: those start anew, the rest is kept.
+            overrides.update(encoder_memory=model_args.encoder_memory, ignore_mismatched_sizes=True)
         model, processor = load_transcriber(model_args.model_name_or_path, model_args.allow_pickle, **overrides)
         if model_args.freeze_encoder:
             model.freeze_encoder()
@@ -372,6 +381,7 @@ def build_model_and_processor(model_args: ModelArguments):
         max_target_positions=model_args.max_target_length,
         freeze_encoder=model_args.freeze_encoder,
         frame_loss_weight=model_args.frame_loss_weight or 0.0,
+        encoder_memory=model_args.encoder_memory or "patches",
         encoder_config={
             "hidden_size": model_args.encoder_hidden_size,
             "num_hidden_layers": model_args.encoder_layers,

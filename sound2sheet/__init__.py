@@ -16,6 +16,7 @@ from transformers import (
 
 from .configuration_sound2sheet import Sound2SheetConfig
 from .feature_extraction_sound2sheet import Sound2SheetFeatureExtractor, load_audio
+from .generation_sound2sheet import NoteEventGrammarLogitsProcessor
 from .modeling_sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetModel, Sound2SheetPreTrainedModel
 from .notes import MidiFileError, Note, pitch_list, read_midi, write_midi
 from .pipelines import Sound2SheetPipeline, register_pipeline
@@ -41,6 +42,7 @@ __all__ = [
     "Sound2SheetFeatureExtractor",
     "Sound2SheetProcessor",
     "Sound2SheetPipeline",
+    "NoteEventGrammarLogitsProcessor",
     "load_audio",
     "Note",
     "MidiFileError",

@@ -25,6 +25,9 @@ DEFAULT_ENCODER_CONFIG = {
     "attention_probs_dropout_prob": 0.1,
 }
 
+# What the decoder can cross-attend to: every AST token, or one token per time column (see Sound2SheetConfig).
+ENCODER_MEMORY_LAYOUTS = ("patches", "columns")
+
 # The default tokenizer's vocabulary: 4 specials + 257 times (2.56 s / 10 ms + 1) + 128 pitches + 33 velocities + <tie>.
 DEFAULT_VOCAB_SIZE = 423
 
@@ -67,6 +70,12 @@ class Sound2SheetConfig(PretrainedConfig):
             `frame_labels`, see `WindowDataset(frame_grid=...)`). Dense targets for every 40 ms of audio teach the
             encoder pitch and onset features sooner than the token loss alone. 0 builds no head; the head is unused
             by `generate`.
+        encoder_memory (`str`, *optional*, defaults to `"patches"`):
+            What the decoder cross-attends to. `"patches"`: every AST token (CLS and distillation tokens, then the
+            frequency rows x time columns of patches), each projected to `hidden_size`. `"columns"`: one token per time
+            column, the projection of all its frequency rows concatenated plus a learned column position, so each
+            decoder query finds a whole spectrum slice at one place in time (as MT3's one token per frame); the
+            decoder then attends over `columns` tokens instead of `2 + rows x columns`.
         freeze_encoder (`bool`, *optional*, defaults to `False`):
             Build the model with the AST encoder's parameters frozen (`requires_grad=False`); the projection to the
             decoder stays trainable. Toggle later with `model.freeze_encoder()` / `model.unfreeze_encoder()`.
@@ -113,6 +122,7 @@ class Sound2SheetConfig(PretrainedConfig):
     activation_function: str = "gelu"
     max_target_positions: int = 1024
     frame_loss_weight: float = 0.0
+    encoder_memory: str = "patches"
     freeze_encoder: bool = False
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -140,6 +150,8 @@ class Sound2SheetConfig(PretrainedConfig):
         for name in ("vocab_size", "num_decoder_layers", "max_target_positions", "intermediate_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.encoder_memory not in ENCODER_MEMORY_LAYOUTS:
+            raise ValueError(f"encoder_memory must be one of {ENCODER_MEMORY_LAYOUTS}, got {self.encoder_memory!r}.")
         if self.frame_loss_weight < 0:
             raise ValueError(f"frame_loss_weight must be >= 0, got {self.frame_loss_weight}.")
         for name in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"):

@@ -198,8 +198,10 @@ class Sound2SheetPreTrainedModel(PreTrainedModel):
 class Sound2SheetEncoder(nn.Module):
     """The AST encoder over a log-mel window, projected to the decoder width.
 
-    Input: `input_values` of shape (batch, frames, mel bins) as `Sound2SheetFeatureExtractor` makes them; output:
-    (batch, 2 + frequency rows x time columns, hidden_size) tokens, AST's CLS and distillation tokens first.
+    Input: `input_values` of shape (batch, frames, mel bins) as `Sound2SheetFeatureExtractor` makes them. Output with
+    `config.encoder_memory == "patches"`: (batch, 2 + frequency rows x time columns, hidden_size), AST's CLS and
+    distillation tokens first; with `"columns"`: (batch, time columns, hidden_size), each the projection of one column's
+    frequency rows concatenated, plus a learned position per column.
     """
 
     main_input_name = "input_values"
@@ -207,7 +209,12 @@ class Sound2SheetEncoder(nn.Module):
     def __init__(self, config: Sound2SheetConfig):
         super().__init__()
         self.ast = ASTModel(config.encoder_config)
-        self.projection = nn.Linear(config.encoder_config.hidden_size, config.hidden_size)
+        self.by_column = config.encoder_memory == "columns"
+        self.grid = config.encoder_grid
+        rows, columns = self.grid
+        width = config.encoder_config.hidden_size * (rows if self.by_column else 1)
+        self.projection = nn.Linear(width, config.hidden_size)
+        self.column_positions = nn.Embedding(columns, config.hidden_size) if self.by_column else None
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.expected_shape = (config.encoder_config.max_length, config.encoder_config.num_mel_bins)
 
@@ -219,7 +226,17 @@ class Sound2SheetEncoder(nn.Module):
                 f"as the feature extractor makes them; got {tuple(input_values.shape)}."
             )
         tokens = self.ast(input_values.to(self.projection.weight.dtype)).last_hidden_state
-        return BaseModelOutput(last_hidden_state=self.layer_norm(self.projection(tokens)))
+        if not self.by_column:
+            return BaseModelOutput(last_hidden_state=self.layer_norm(self.projection(tokens)))
+        columns = self.projection(tokens_by_column(tokens[:, AST_SPECIAL_TOKENS:], *self.grid))
+        return BaseModelOutput(last_hidden_state=self.layer_norm(columns + self.column_positions.weight))
+
+
+def tokens_by_column(patches: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """(batch, rows x columns, hidden) AST patch tokens (frequency-major, as AST orders them) -> (batch, columns,
+    rows x hidden): each time column's frequency rows side by side, lowest row first."""
+    batch, _, hidden = patches.shape
+    return patches.reshape(batch, rows, columns, hidden).transpose(1, 2).reshape(batch, columns, rows * hidden)
 
 
 class Sound2SheetNoteDecoder(nn.Module):
@@ -356,9 +373,9 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         super().__init__(config)
         self.model = Sound2SheetModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        rows, _ = config.encoder_grid
-        # Auxiliary head (training only): one column of encoder tokens -> onset and sounding logits per MIDI pitch.
-        self.frame_head = nn.Linear(rows * config.hidden_size, 2 * FRAME_PITCHES) if config.frame_loss_weight > 0 else None
+        # Auxiliary head (training only): one column of encoder output -> onset and sounding logits per MIDI pitch.
+        column_width = config.hidden_size * (1 if config.encoder_memory == "columns" else config.encoder_grid[0])
+        self.frame_head = nn.Linear(column_width, 2 * FRAME_PITCHES) if config.frame_loss_weight > 0 else None
         self.post_init()
         generation = self.generation_config
         if generation is not None and generation.max_length in (None, 20) and generation.max_new_tokens is None:
@@ -450,16 +467,15 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         )
 
     def frame_logits(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """(batch, columns, 256) logits of the auxiliary head from the encoder output (batch, 2 + rows x columns,
-        hidden): for each encoder token column, whether each MIDI pitch starts there (first 128) and sounds at its
-        centre (last 128). `config.frame_grid` gives the columns' times."""
+        """(batch, columns, 256) logits of the auxiliary head from the encoder output: for each encoder time column,
+        whether each MIDI pitch starts there (first 128) and sounds at its centre (last 128). With patch memory the
+        head reads the column's frequency rows side by side (CLS/distillation tokens skipped); with column memory,
+        the column token. `config.frame_grid` gives the columns' times."""
         if self.frame_head is None:
             raise ValueError("This model has no frame head: build it with frame_loss_weight > 0 to use frame_labels.")
-        rows, columns = self.config.encoder_grid
-        patches = encoder_hidden_states[:, AST_SPECIAL_TOKENS:]
-        batch, _, hidden = patches.shape
-        by_column = patches.reshape(batch, rows, columns, hidden).transpose(1, 2).reshape(batch, columns, rows * hidden)
-        return self.frame_head(by_column)
+        if self.config.encoder_memory == "columns":
+            return self.frame_head(encoder_hidden_states)
+        return self.frame_head(tokens_by_column(encoder_hidden_states[:, AST_SPECIAL_TOKENS:], *self.config.encoder_grid))
 
     @classmethod
     def from_encoder_pretrained(

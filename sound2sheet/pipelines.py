@@ -25,6 +25,7 @@ from transformers.pipelines import PIPELINE_REGISTRY, AutomaticSpeechRecognition
 
 from .feature_extraction_sound2sheet import load_audio
 from .modeling_sound2sheet import Sound2SheetForConditionalGeneration
+from .generation_sound2sheet import with_note_grammar
 from .processing_sound2sheet import clip_notes
 
 ASR_TASK = "automatic-speech-recognition"
@@ -37,7 +38,8 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
     feature extractor's rate, or a dict `{"raw": array, "sampling_rate": int}` (`"array"` also accepted) at any rate.
     Each result is `{"text": readable event tokens, "notes": [Note, ...]}` with note times in seconds from the start of
     the input. Generation options (`num_beams`, `do_sample`, `max_new_tokens`, ... or `generate_kwargs={...}`) are
-    passed to `model.generate()`; `batch_size` batches windows.
+    passed to `model.generate()`, which keeps to the note-event grammar unless `grammar=False`; `batch_size` batches
+    windows.
     """
 
     def __init__(self, model, *args, **kwargs):
@@ -109,9 +111,8 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
         if not self.is_sound2sheet:
             return super()._forward(model_inputs, **generate_kwargs)
         input_values = model_inputs["input_values"].to(self.model.device)
-        tokens = self.model.generate(
-            input_values=input_values, num_return_sequences=1, **self._prepare_generate_kwargs(generate_kwargs)
-        )
+        generate_kwargs = with_note_grammar(self._prepare_generate_kwargs(generate_kwargs), self.tokenizer)
+        tokens = self.model.generate(input_values=input_values, num_return_sequences=1, **generate_kwargs)
         return {
             "is_last": model_inputs["is_last"],
             "tokens": tokens,

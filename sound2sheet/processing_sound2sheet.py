@@ -13,6 +13,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from .feature_extraction_sound2sheet import audio_duration, iter_audio_windows, load_audio
+from .generation_sound2sheet import with_note_grammar
 from .notes import Note, pitch_list, sort_notes, write_midi
 
 AudioInput = Union[str, os.PathLike, np.ndarray]
@@ -199,8 +200,9 @@ class Sound2SheetProcessor(ProcessorMixin):
         bf16: Optional[bool] = None,
         **generate_kwargs,
     ) -> Iterator[List[int]]:
-        """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time (`bf16`: see
-        `transcribe`)."""
+        """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time (`bf16` and
+        `grammar`: see `transcribe`)."""
+        generate_kwargs = with_note_grammar(generate_kwargs, self.tokenizer)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16(bf16, model) else nullcontext()
         for batch in _batched(windows, batch_size):
             features = self.feature_extractor(batch, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt")
@@ -234,7 +236,10 @@ class Sound2SheetProcessor(ProcessorMixin):
                 bfloat16 natively (AMX or AVX512-BF16; `cpu_has_fast_bf16`), where it is faster; elsewhere PyTorch
                 emulates it and float32 is faster. The notes match float32's up to rare near-ties.
             generate_kwargs: decoding options for `model.generate()` (`num_beams`, `do_sample`, `temperature`, `top_k`,
-                `top_p`, `max_new_tokens`, ...); see `strategy_generate_kwargs` for named strategies.
+                `top_p`, `max_new_tokens`, `logits_processor`, ...); see `strategy_generate_kwargs` for named
+                strategies. Decoding keeps to the tokenizer's note-event grammar (`NoteEventGrammarLogitsProcessor`:
+                times never go back, pitches ascend within a step), which bounds every window's length; pass
+                `grammar=False` to decode unconstrained.
 
         Raises:
             ValueError: the audio cannot be read or is empty or not finite (the message names the file).

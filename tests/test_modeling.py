@@ -179,6 +179,55 @@ def test_a_frame_head_added_to_a_checkpoint_is_new_and_the_rest_is_kept(tester, 
     assert torch.equal(loaded.generate(inputs, max_new_tokens=8), model.generate(inputs, max_new_tokens=8))
 
 
+def test_column_memory_is_one_projected_token_per_time_column(tester):
+    model = tester.get_model(encoder_memory="columns")
+    rows, columns = model.config.encoder_grid
+    encoder = model.get_encoder()
+    inputs = tester.get_inputs()
+    memory = encoder(inputs).last_hidden_state
+    assert memory.shape == (2, columns, model.config.hidden_size)
+    # By hand: AST's patch tokens run row by row; column c is rows 0..R-1 of column c side by side.
+    patches = encoder.ast(inputs).last_hidden_state[:, 2:]
+    width = patches.shape[-1]
+    column_3 = torch.cat([patches[:, row * columns + 3] for row in range(rows)], dim=-1)
+    assert column_3.shape == (2, rows * width)
+    expected = encoder.layer_norm(encoder.projection(column_3) + encoder.column_positions.weight[3])
+    assert torch.allclose(memory[:, 3], expected, atol=1e-5)
+    # The frame head reads the column token itself.
+    with_head = tester.get_model(encoder_memory="columns", frame_loss_weight=1.0)
+    assert with_head.frame_head.in_features == with_head.config.hidden_size
+    hidden = torch.randn(1, columns, with_head.config.hidden_size)
+    assert torch.allclose(with_head.frame_logits(hidden), with_head.frame_head(hidden))
+
+
+def test_column_memory_decodes_the_same_cached_and_uncached(tester):
+    model = tester.get_model(encoder_memory="columns")
+    inputs = tester.get_inputs()
+    for kwargs in ({}, {"num_beams": 3}):
+        cached = model.generate(inputs, max_new_tokens=30, use_cache=True, **kwargs)
+        uncached = model.generate(inputs, max_new_tokens=30, use_cache=False, **kwargs)
+        assert cached.shape[1] > 10
+        assert torch.equal(cached, uncached)
+
+
+def test_unknown_encoder_memory_is_a_clear_error(tester):
+    with pytest.raises(ValueError, match=r"encoder_memory must be one of \('patches', 'columns'\), got 'rows'"):
+        tester.get_config(encoder_memory="rows")
+
+
+def test_a_checkpoint_switched_to_column_memory_keeps_its_encoder_and_decoder(tester, model, tmp_path):
+    model.save_pretrained(tmp_path)
+    switched = Sound2SheetForConditionalGeneration.from_pretrained(tmp_path, encoder_memory="columns", ignore_mismatched_sizes=True)
+    assert switched.config.encoder_memory == "columns"
+    rows, _ = switched.config.encoder_grid
+    assert switched.get_encoder().projection.in_features == rows * switched.config.encoder_config.hidden_size
+    before, after = model.state_dict(), switched.state_dict()
+    kept = [name for name in before if name.startswith(("model.encoder.ast.", "model.decoder.")) or name == "lm_head.weight"]
+    assert len(kept) > 20
+    for name in kept:
+        assert torch.equal(before[name], after[name]), name
+
+
 # --- generation --------------------------------------------------------------------------------------------------
 
 
