@@ -258,6 +258,11 @@ class ModelArguments:
                   "column); default: the checkpoint's, or 'patches'. Changing a checkpoint's gives it a new projection.",
                   "choices": ["patches", "columns"]},
     )
+    cross_attention_time_bias: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Column memory only: bias cross-attention by each column's distance from the current time "
+                  "(default: the checkpoint's, or off); switching it on starts the biases at zero."},
+    )
     frame_loss_weight: Optional[float] = field(
         default=None,
         metadata={"help": "Weight of the auxiliary onset/frame loss on the encoder (0: none; default: the checkpoint's, or 0)."},
@@ -365,6 +370,8 @@ def build_model_and_processor(model_args: ModelArguments):
         if model_args.encoder_memory is not None:
             # A new memory layout changes the projection's (and frame head's) shape: those start anew, the rest is kept.
             overrides.update(encoder_memory=model_args.encoder_memory, ignore_mismatched_sizes=True)
+        if model_args.cross_attention_time_bias is not None:
+            overrides["cross_attention_time_bias"] = model_args.cross_attention_time_bias
         model, processor = load_transcriber(model_args.model_name_or_path, model_args.allow_pickle, **overrides)
         if model_args.freeze_encoder:
             model.freeze_encoder()
@@ -382,6 +389,7 @@ def build_model_and_processor(model_args: ModelArguments):
         freeze_encoder=model_args.freeze_encoder,
         frame_loss_weight=model_args.frame_loss_weight or 0.0,
         encoder_memory=model_args.encoder_memory or "patches",
+        cross_attention_time_bias=bool(model_args.cross_attention_time_bias),
         encoder_config={
             "hidden_size": model_args.encoder_hidden_size,
             "num_hidden_layers": model_args.encoder_layers,

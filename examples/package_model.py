@@ -1,13 +1,13 @@
 """Package a trained run as a shippable model folder with its model card.
 
-    python examples/package_model.py runs/piano-small-stage2 models/sound2sheet-piano-small \
+    python examples/package_model.py runs/piano-small-stage4 models/sound2sheet-piano-small \
         --quality quality.json --training-summary "..."
 
 Copies the inference files of RUN (a run's final model, or a checkpoint folder) into DEST (weights as safetensors,
 config, generation config, tokenizer and feature extractor), without the training-only frame head, and writes the
-model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the two-stage recipe
-(examples/train_piano_small.json, then examples/train_piano_small_stage2.json), the data, the parameter count, and
-the test-split results that `benchmarks/quality.py --report quality.json` measured, in the card's `model-index`.
+model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the four-stage recipe
+(examples/train_piano_small.json, then _stage2.json, _stage3.json and _stage4.json), the data, the parameter count, and the
+test-split results that `benchmarks/quality.py --report quality.json` measured, in the card's `model-index`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcesso
 from sound2sheet.training import write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = (REPO / "examples" / "train_piano_small.json", REPO / "examples" / "train_piano_small_stage2.json")
+RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", "_stage2", "_stage3", "_stage4"))
 CORPUS_COMMAND = "python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0"
 MAX_WEIGHTS_MB = 40
 
@@ -51,15 +51,24 @@ def main(argv=None):
     for name, row in quality["summary"].items():
         lines.append(f"| {name} | {row['onset_f1']:.3f} | {row['onset_offset_f1']:.3f} | {row['onset_offset_velocity_f1']:.3f} "
                      f"| {row['cpu_seconds_per_audio_second']:.3f} |")
-    stage1, stage2 = (recipe.read_text().strip() for recipe in RECIPES)
+    stages = [recipe.read_text().strip() for recipe in RECIPES]
     recipe = (
         f"1. Render the corpus: `{CORPUS_COMMAND}` (music21 corpus without the reserved pieces, plus procedural piano "
         "music; FluidR3_GM and MuseScore_General for training and validation, TimGM6mb kept for the test split).\n"
         "2. Stage 1, token loss only: `python run_transcription.py train examples/train_piano_small.json` on the CPU, "
         "fp32; stage 2 starts from its `checkpoint-2500` (the run may be stopped once that is written).\n"
         "3. Stage 2, with the auxiliary onset/frame loss on the encoder (weight 20): "
-        "`python run_transcription.py train examples/train_piano_small_stage2.json`.\n\n"
-        f"Stage 1:\n\n```json\n{stage1}\n```\n\nStage 2:\n\n```json\n{stage2}\n```\n\n{args.training_summary}"
+        "`python run_transcription.py train examples/train_piano_small_stage2.json`; stage 3 starts from its "
+        "`checkpoint-3000`.\n"
+        "4. Stage 3, the decoder reading one token per encoder time column (`encoder_memory: columns`, a new "
+        "projection and frame head; the AST encoder and the decoder carry over): "
+        "`python run_transcription.py train examples/train_piano_small_stage3.json`; stage 4 starts from its "
+        "`checkpoint-1000`.\n"
+        "5. Stage 4, cross-attention biased by each column's distance from the current time "
+        "(`cross_attention_time_bias`, new biases starting at zero): "
+        "`python run_transcription.py train examples/train_piano_small_stage4.json`.\n\n"
+        + "".join(f"Stage {number}:\n\n```json\n{text}\n```\n\n" for number, text in enumerate(stages, start=1))
+        + args.training_summary
     )
     extra = ("Whole test pieces (unseen pieces, the held-out TimGM6mb soundfont, pedal and tempo variation), measured "
              "with `python benchmarks/quality.py --report quality.json`, side by side with basic-pitch on the same "

@@ -76,6 +76,19 @@ class Sound2SheetConfig(PretrainedConfig):
             column, the projection of all its frequency rows concatenated plus a learned column position, so each
             decoder query finds a whole spectrum slice at one place in time (as MT3's one token per frame); the
             decoder then attends over `columns` tokens instead of `2 + rows x columns`.
+        cross_attention_time_bias (`bool`, *optional*, defaults to `False`):
+            With column memory: add to every cross-attention score a learned bias per head and per distance, in
+            encoder columns, between the key's column and the decoder's current time (its last time token; the
+            window start before the first). Distances run from -8 to +32 columns, further ones share the edge values.
+            Attention can then look "just after the current time" without learning where each time token lies in the
+            memory. The biases start at zero, so switching it on leaves a trained model's outputs unchanged.
+        time_token_offset (`int`, *optional*, defaults to 4):
+            Id of the first time token (`<t_0>`); with `num_time_tokens` and `time_token_seconds` it tells the model
+            which tokens are times and what they mean (the default tokenizer's layout).
+        num_time_tokens (`int`, *optional*, defaults to 257):
+            Number of time tokens.
+        time_token_seconds (`float`, *optional*, defaults to 0.01):
+            Seconds per time step.
         freeze_encoder (`bool`, *optional*, defaults to `False`):
             Build the model with the AST encoder's parameters frozen (`requires_grad=False`); the projection to the
             decoder stays trainable. Toggle later with `model.freeze_encoder()` / `model.unfreeze_encoder()`.
@@ -123,6 +136,10 @@ class Sound2SheetConfig(PretrainedConfig):
     max_target_positions: int = 1024
     frame_loss_weight: float = 0.0
     encoder_memory: str = "patches"
+    cross_attention_time_bias: bool = False
+    time_token_offset: int = 4
+    num_time_tokens: int = 257
+    time_token_seconds: float = 0.01
     freeze_encoder: bool = False
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -152,6 +169,14 @@ class Sound2SheetConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if self.encoder_memory not in ENCODER_MEMORY_LAYOUTS:
             raise ValueError(f"encoder_memory must be one of {ENCODER_MEMORY_LAYOUTS}, got {self.encoder_memory!r}.")
+        if self.cross_attention_time_bias:
+            if self.encoder_memory != "columns":
+                raise ValueError("cross_attention_time_bias needs encoder_memory='columns' (one memory token per time column).")
+            if not 0 <= self.time_token_offset <= self.vocab_size - self.num_time_tokens or self.time_token_seconds <= 0:
+                raise ValueError(
+                    f"time tokens {self.time_token_offset}..{self.time_token_offset + self.num_time_tokens - 1} of "
+                    f"{self.time_token_seconds} s must lie inside the vocabulary (vocab_size={self.vocab_size})."
+                )
         if self.frame_loss_weight < 0:
             raise ValueError(f"frame_loss_weight must be >= 0, got {self.frame_loss_weight}.")
         for name in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"):

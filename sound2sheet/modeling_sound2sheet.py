@@ -32,6 +32,11 @@ from .configuration_sound2sheet import Sound2SheetConfig, encoder_patch_grid
 FRAME_PITCHES = 128  # MIDI pitches the auxiliary frame head predicts, as the tokenizer's pitch tokens
 
 AST_SPECIAL_TOKENS = 2  # the CLS and distillation tokens AST puts before its patch tokens
+# Column distances from the current time that get their own cross-attention bias (config.cross_attention_time_bias).
+TIME_BIAS_BEHIND, TIME_BIAS_AHEAD = 8, 32
+# The biases are stored divided by this: Adam moves a parameter by about the learning rate per step whatever its
+# gradient, and attention logits need biases of several units to pick columns, which lr 5e-4 alone takes ~10k steps.
+TIME_BIAS_SCALE = 8.0
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # weight files torch.load would unpickle
 
 
@@ -44,6 +49,17 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_to
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = decoder_start_token_id
     return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def current_time_steps(decoder_input_ids: torch.LongTensor, config: Sound2SheetConfig) -> torch.LongTensor:
+    """(batch, tokens) time step in force at each token of whole decoder sequences: the value of the last time token
+    at or before it, 0 (the window start) before the first one."""
+    offset = config.time_token_offset
+    is_time = (decoder_input_ids >= offset) & (decoder_input_ids < offset + config.num_time_tokens)
+    positions = torch.arange(decoder_input_ids.shape[1], device=decoder_input_ids.device).expand_as(decoder_input_ids)
+    last = torch.where(is_time, positions, -1).cummax(dim=1).values
+    values = decoder_input_ids.gather(1, last.clamp(min=0)) - offset
+    return torch.where(last >= 0, values, 0)
 
 
 class Sound2SheetAttention(nn.Module):
@@ -64,6 +80,12 @@ class Sound2SheetAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        # Cross-attention score bias per head and per column distance from the current time (see Sound2SheetConfig).
+        self.time_bias = (
+            nn.Parameter(torch.zeros(self.num_heads, TIME_BIAS_BEHIND + 1 + TIME_BIAS_AHEAD))
+            if is_cross_attention and config.cross_attention_time_bias
+            else None
+        )
 
     def _heads(self, states: torch.Tensor) -> torch.Tensor:
         batch, length, _ = states.shape
@@ -90,12 +112,19 @@ class Sound2SheetAttention(nn.Module):
         encoder_hidden_states: Optional[torch.Tensor] = None,
         past_key_values: Optional[EncoderDecoderCache] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        time_buckets: Optional[torch.LongTensor] = None,
     ) -> torch.Tensor:
         """`attention_mask`: a boolean mask broadcastable to (batch, heads, queries, keys), True where attention is
-        allowed; `None` with self-attention means plain causal attention over a sequence that starts at position 0."""
+        allowed; `None` with self-attention means plain causal attention over a sequence that starts at position 0.
+        `time_buckets` (batch, queries, columns): with a time bias, each query's distance bucket to each column."""
         query = self._heads(self.q_proj(hidden_states))
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
         keys, values = self._cached_or_new_keys_values(source, past_key_values)
+        if self.time_bias is not None:
+            if time_buckets is None:
+                raise ValueError("This cross-attention has a time bias: it needs the decoder's time_buckets.")
+            bias = TIME_BIAS_SCALE * self.time_bias[:, time_buckets].transpose(0, 1)  # (batch, heads, queries, columns)
+            attention_mask = bias.to(query.dtype)
         is_causal = not self.is_cross_attention and attention_mask is None and query.shape[2] > 1
         attended = F.scaled_dot_product_attention(
             query,
@@ -124,12 +153,12 @@ class Sound2SheetDecoderLayer(nn.Module):
         self.activation = ACT2FN[config.activation_function]
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states, encoder_hidden_states, past_key_values=None, self_attention_mask=None):
+    def forward(self, hidden_states, encoder_hidden_states, past_key_values=None, self_attention_mask=None, time_buckets=None):
         hidden_states = hidden_states + self.dropout(
             self.self_attn(self.self_attn_layer_norm(hidden_states), None, past_key_values, self_attention_mask)
         )
         hidden_states = hidden_states + self.dropout(
-            self.cross_attn(self.cross_attn_layer_norm(hidden_states), encoder_hidden_states, past_key_values)
+            self.cross_attn(self.cross_attn_layer_norm(hidden_states), encoder_hidden_states, past_key_values, time_buckets=time_buckets)
         )
         feed_forward = self.fc2(self.dropout(self.activation(self.fc1(self.final_layer_norm(hidden_states)))))
         return hidden_states + self.dropout(feed_forward)
@@ -160,6 +189,8 @@ class Sound2SheetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, Sound2SheetAttention) and module.time_bias is not None:
+            nn.init.zeros_(module.time_bias)  # no bias until trained: a model switched to it decodes as before
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, **kwargs):
@@ -251,6 +282,15 @@ class Sound2SheetNoteDecoder(nn.Module):
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
+    def time_buckets(self, time_steps: torch.LongTensor) -> torch.LongTensor:
+        """(batch, queries) current time steps -> (batch, queries, columns) bias buckets: the column distance from
+        the current time, rounded and clamped to [-TIME_BIAS_BEHIND, TIME_BIAS_AHEAD], shifted to start at 0."""
+        first, step, columns = self.config.frame_grid
+        # Column centres in time steps of the tokenizer (7.5, 11.5, ... for 16-frame patches at stride 4).
+        centres = (first + step * torch.arange(columns, device=time_steps.device)) / self.config.time_token_seconds
+        distance = (centres - time_steps[..., None]) * (self.config.time_token_seconds / step)
+        return torch.round(distance).long().clamp(-TIME_BIAS_BEHIND, TIME_BIAS_AHEAD) + TIME_BIAS_BEHIND
+
     def _self_attention_mask(self, attention_mask, query_length: int, past_length: int, device) -> Optional[torch.Tensor]:
         """None for the common cases SDPA handles by itself (full causal prefix, or one new token); else a bool mask."""
         if attention_mask is None and (past_length == 0 or query_length == 1):
@@ -270,7 +310,10 @@ class Sound2SheetNoteDecoder(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
         use_cache: bool = False,
+        time_steps: Optional[torch.LongTensor] = None,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
+        """`time_steps` (batch, tokens): with `config.cross_attention_time_bias`, the current time step at each input
+        token (`current_time_steps`); computed from `input_ids` when they start the sequence (no cache yet)."""
         if use_cache and past_key_values is None:
             past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
         if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
@@ -285,8 +328,18 @@ class Sound2SheetNoteDecoder(nn.Module):
         positions = torch.arange(past_length, past_length + query_length, device=input_ids.device)
         hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(positions)[None])
         mask = self._self_attention_mask(attention_mask, query_length, past_length, input_ids.device)
+        buckets = None
+        if self.config.cross_attention_time_bias:
+            if time_steps is None:
+                if past_length:
+                    raise ValueError(
+                        "With cross_attention_time_bias, decoding after a cache needs decoder_time_steps (the current "
+                        "time at each new token; see current_time_steps); generate() passes them."
+                    )
+                time_steps = current_time_steps(input_ids, self.config)
+            buckets = self.time_buckets(time_steps)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, encoder_hidden_states, past_key_values, mask)
+            hidden_states = layer(hidden_states, encoder_hidden_states, past_key_values, mask, buckets)
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=self.layer_norm(hidden_states), past_key_values=past_key_values
         )
@@ -326,6 +379,7 @@ class Sound2SheetModel(Sound2SheetPreTrainedModel):
         encoder_outputs: Optional[BaseModelOutput | tuple] = None,
         past_key_values: Optional[Cache] = None,
         use_cache: Optional[bool] = None,
+        decoder_time_steps: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> Seq2SeqModelOutput:
         if encoder_outputs is None:
@@ -342,6 +396,7 @@ class Sound2SheetModel(Sound2SheetPreTrainedModel):
             attention_mask=decoder_attention_mask,
             past_key_values=past_key_values,
             use_cache=bool(use_cache),
+            time_steps=decoder_time_steps,
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
@@ -428,6 +483,7 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         frame_labels: Optional[torch.Tensor] = None,
+        decoder_time_steps: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         r"""
@@ -437,6 +493,9 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         frame_labels (`torch.FloatTensor` of shape `(batch, columns, 256)`, *optional*): per encoder token column, 1
             where a MIDI pitch starts (first 128) and where it sounds (last 128); see `frame_logits`. With
             `config.frame_loss_weight > 0`, their loss times that weight is added to the token loss.
+        decoder_time_steps (`torch.LongTensor` of shape `(batch, decoder_length)`, *optional*): with
+            `config.cross_attention_time_bias`, the time step in force at each decoder input token
+            (`current_time_steps` of the whole sequence); needed only when decoding after a cache.
         """
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
@@ -447,6 +506,7 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
             encoder_outputs=encoder_outputs,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            decoder_time_steps=decoder_time_steps,
         )
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
@@ -465,6 +525,15 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
             past_key_values=outputs.past_key_values,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
         )
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs):
+        """GenerationMixin's inputs, plus the current time at each new token when the model has a time bias (computed
+        from the whole sequence so far, so it follows beam reordering)."""
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        new_tokens = inputs.get("decoder_input_ids")
+        if self.config.cross_attention_time_bias and new_tokens is not None:
+            inputs["decoder_time_steps"] = current_time_steps(input_ids, self.config)[:, -new_tokens.shape[1] :]
+        return inputs
 
     def frame_logits(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, columns, 256) logits of the auxiliary head from the encoder output: for each encoder time column,

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import ASTConfig, ASTModel, AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq
+from transformers import ASTConfig, ASTModel, AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq, LogitsProcessor, LogitsProcessorList
 
 from sound2sheet import Sound2SheetConfig, Sound2SheetForConditionalGeneration, Sound2SheetModel
-from sound2sheet.modeling_sound2sheet import interpolate_position_embeddings, shift_tokens_right
+from sound2sheet.modeling_sound2sheet import TIME_BIAS_BEHIND, current_time_steps, interpolate_position_embeddings, shift_tokens_right
 
 from .model_tester import TINY_FRAMES, TINY_MELS, Sound2SheetModelTester
 
@@ -226,6 +226,91 @@ def test_a_checkpoint_switched_to_column_memory_keeps_its_encoder_and_decoder(te
     assert len(kept) > 20
     for name in kept:
         assert torch.equal(before[name], after[name]), name
+
+
+class _FavourTimeTokens(LogitsProcessor):
+    """Pushes every third step towards a time token, so that random tiny models move their decoding time."""
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] % 3 == 1:
+            scores = scores.clone()
+            scores[:, 4:261] += 50.0
+        return scores
+
+
+@pytest.fixture(scope="module")
+def time_biased_model(tester):
+    model = tester.get_model(encoder_memory="columns", cross_attention_time_bias=True)
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            layer.cross_attn.time_bias.normal_(0.0, 0.4, generator=torch.Generator().manual_seed(5))
+    return model
+
+
+def test_current_time_steps_follow_the_last_time_token(tester):
+    config = tester.get_config()
+    ids = torch.tensor([[2, 300, 422, 14, 380, 270, 30, 300, 4], [2, 422, 260, 300, 0, 0, 0, 0, 0]])
+    assert current_time_steps(ids, config).tolist() == [[0, 0, 0, 10, 10, 10, 26, 26, 0], [0, 0, 256, 256, 256, 256, 256, 256, 256]]
+
+
+def test_time_bias_buckets_are_column_distances_from_the_current_time(tester):
+    model = tester.get_model(encoder_memory="columns", cross_attention_time_bias=True)
+    first, step, columns = model.config.frame_grid
+    assert (first, step, columns) == (0.075, 0.02, 25)  # tiny model: a column every 2 steps, the first at 7.5 steps
+    buckets = model.model.decoder.time_buckets(torch.tensor([[0, 40]]))
+    assert buckets.shape == (1, 2, columns)
+    # Column c is centred at 7.5 + 2c steps: (7.5 + 2c - 40) / 2 = c - 16.25 columns from step 40.
+    assert [buckets[0, 1, c].item() - TIME_BIAS_BEHIND for c in (15, 16, 17, 24)] == [-1, 0, 1, 8]
+    assert buckets[0, 1, 0].item() == 0  # 16 columns behind: clamped to the last bucket behind
+    assert buckets[0, 0, 24].item() - TIME_BIAS_BEHIND == 28  # (7.5 + 48) / 2 = 27.75 columns ahead of step 0
+
+
+def test_time_bias_starts_at_zero_and_needs_column_memory(tester):
+    plain = tester.get_model(encoder_memory="columns")
+    biased = tester.get_model(encoder_memory="columns", cross_attention_time_bias=True)
+    inputs = tester.get_inputs()
+    tokens = torch.tensor([[2, 422, 14, 380, 270, 30]] * 2)
+    assert torch.allclose(plain(inputs, decoder_input_ids=tokens).logits, biased(inputs, decoder_input_ids=tokens).logits, atol=1e-6)
+    with pytest.raises(ValueError, match="cross_attention_time_bias needs encoder_memory='columns'"):
+        tester.get_config(cross_attention_time_bias=True)
+
+
+def test_a_column_checkpoint_switched_to_the_time_bias_decodes_as_before(tester, tmp_path):
+    plain = tester.get_model(encoder_memory="columns")
+    plain.save_pretrained(tmp_path)
+    switched = Sound2SheetForConditionalGeneration.from_pretrained(tmp_path, cross_attention_time_bias=True).eval()
+    for layer in switched.model.decoder.layers:
+        assert torch.equal(layer.cross_attn.time_bias, torch.zeros_like(layer.cross_attn.time_bias))
+    inputs = tester.get_inputs()
+    favour = LogitsProcessorList([_FavourTimeTokens()])
+    assert torch.equal(switched.generate(inputs, max_new_tokens=20, logits_processor=favour),
+                       plain.generate(inputs, max_new_tokens=20, logits_processor=favour))
+
+
+def test_time_bias_changes_attention_and_cached_decoding_equals_uncached(tester, time_biased_model):
+    model, inputs = time_biased_model, tester.get_inputs()
+    tokens = torch.tensor([[2, 422, 14, 380, 270, 30, 300, 60]] * 2)
+    full = model(inputs, decoder_input_ids=tokens).logits
+    unbiased = tester.get_model(encoder_memory="columns", cross_attention_time_bias=True)
+    assert not torch.allclose(full, unbiased(inputs, decoder_input_ids=tokens).logits, atol=1e-3)
+    # Step by step with a cache, given the current times, gives the teacher-forced logits.
+    encoder_outputs, past, steps = model.get_encoder()(inputs), None, []
+    times = current_time_steps(tokens, model.config)
+    for i in range(tokens.shape[1]):
+        out = model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, i : i + 1], past_key_values=past,
+                    use_cache=True, decoder_time_steps=times[:, i : i + 1])
+        past = out.past_key_values
+        steps.append(out.logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="needs decoder_time_steps"):
+        model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, -1:], past_key_values=past, use_cache=True)
+    # generate() passes the times itself, for greedy and beam search.
+    favour = LogitsProcessorList([_FavourTimeTokens()])
+    for kwargs in ({}, {"num_beams": 3}):
+        cached = model.generate(inputs, max_new_tokens=30, use_cache=True, logits_processor=favour, **kwargs)
+        uncached = model.generate(inputs, max_new_tokens=30, use_cache=False, logits_processor=favour, **kwargs)
+        assert ((cached >= 4) & (cached < 261)).sum() >= 10  # time tokens were decoded
+        assert torch.equal(cached, uncached)
 
 
 # --- generation --------------------------------------------------------------------------------------------------

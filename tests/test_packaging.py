@@ -54,4 +54,6 @@ def test_packaging_drops_the_frame_head_and_writes_the_card_with_the_measured_re
     metrics = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"Note F1 (onset)": 0.612, "Note F1 (onset+offset)": 0.301, "Note F1 (onset+offset+velocity)": 0.12}
     assert "examples/train_piano_small_stage2.json" in card and '"frame_loss_weight": 20.0' in card
+    assert "examples/train_piano_small_stage3.json" in card and '"encoder_memory": "columns"' in card
+    assert "examples/train_piano_small_stage4.json" in card and '"cross_attention_time_bias": true' in card
     assert "| basic-pitch 0.4.0 | 0.783 | 0.428 | 0.124 | 0.096 |" in card and "Trained for a while." in card
