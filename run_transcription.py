@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = REPO_DIR / "models" / "sound2sheet-tiny-random"  # until the trained default model ships
+DEFAULT_MODEL = REPO_DIR / "models" / "sound2sheet-piano-small"
 SUBCOMMANDS = ("train", "evaluate", "transcribe")
 OUTPUT_FORMATS = ("midi", "json", "musicxml", "pdf", "png", "pianoroll")
 FORMAT_SUFFIX = {"midi": ".mid", "json": ".json", "musicxml": ".musicxml", "pdf": ".pdf", "png": ".png", "pianoroll": ".pianoroll.png"}

@@ -36,7 +36,7 @@ def rss_mb() -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REPO / "models" / "sound2sheet-tiny-random"))
+    parser.add_argument("--model", default=str(REPO / "models" / "sound2sheet-piano-small"))
     parser.add_argument("--files", type=int, default=100)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seconds-per-file", type=float, default=5.0)

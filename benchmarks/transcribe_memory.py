@@ -37,7 +37,7 @@ print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REPO / "models" / "sound2sheet-tiny-random"))
+    parser.add_argument("--model", default=str(REPO / "models" / "sound2sheet-piano-small"))
     parser.add_argument("--seconds", type=float, nargs="+", default=[30.0, 600.0])
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()

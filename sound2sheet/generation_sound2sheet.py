@@ -147,9 +147,16 @@ class NoteEventGrammarLogitsProcessor(LogitsProcessor):
         bins = torch.arange(self.num_velocity_bins + 1, device=device)
         may_velocity = events & (last_is_time | last_is_pitch)
         velocity_ok = (bins[None] != velocity[:, None]) & ((bins[None] > 0) | ~ons_started[:, None])
+        # After note-on pitch 127, only a higher velocity can be followed by a pitch (127 again): no dead end.
+        top_reached = (velocity > 0) & (last_pitch == self.num_pitches - 1)
+        velocity_ok &= ~top_reached[:, None] | (bins[None] > last_pitch_velocity[:, None])
         allowed[:, self.velocity_offset : self.velocity_offset + self.num_velocity_bins + 1] = velocity_ok & may_velocity[:, None]
         # EOS: after <tie> or after a pitch.
         allowed[:, self.eos_token_id] = events & (last_is_tie | last_is_pitch)
+        # A row that has ended (generate() pads it until the batch ends) is left alone: an all -inf row of scores
+        # would make sampling fail.
+        ended = (input_ids == self.eos_token_id).any(dim=1)
+        allowed[ended] = True
         return allowed
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

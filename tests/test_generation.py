@@ -78,6 +78,24 @@ def test_a_new_step_restarts_the_pitch_order_and_note_offs_come_first():
     assert "<p_60>" not in allowed_after("<tie>", "<t_10>", "<v_20>", "<p_60>", "<v_15>")
 
 
+def test_no_state_is_a_dead_end():
+    """A velocity after note-on pitch 127 must be able to take a pitch: only a higher velocity (127 again) is let
+    through, so a sampler never meets a row with every token refused."""
+    after_top = allowed_after("<tie>", "<t_10>", "<v_27>", "<p_127>")
+    assert {f"<v_{bin}>" for bin in range(1, 33)} & after_top == {f"<v_{bin}>" for bin in range(28, 33)}
+    assert allowed_after("<tie>", "<t_10>", "<v_27>", "<p_127>", "<v_30>") == {"<p_127>"}
+    assert "<v_5>" in allowed_after("<tie>", "<t_10>", "<v_0>", "<p_127>")  # note-ons after note-off 127 start afresh
+    rng = random.Random(7)
+    for _ in range(300):  # random walks through the grammar never run out of tokens
+        sequence = []
+        while len(sequence) < 120:
+            choices = sorted(allowed_after(*sequence))
+            assert choices, sequence
+            sequence.append(rng.choice(choices))
+            if sequence[-1] == "</s>":
+                break
+
+
 def test_the_window_end_allows_no_later_time():
     after_end = allowed_after("<tie>", "<t_256>", "<v_0>", "<p_40>")
     assert not after_end & TIMES
@@ -97,6 +115,14 @@ def test_every_sequence_the_tokenizer_writes_is_allowed(seed):
             notes.append(Note(onset=first.onset, offset=first.offset + 0.3, pitch=first.pitch, velocity=max(1, 128 - first.velocity)))
         sequence = [START] + TOKENIZER.encode_notes(notes, window_start=0.0)
         assert first_violation(sequence) is None, TOKENIZER.convert_ids_to_tokens(sequence)
+
+
+def test_a_row_that_has_ended_is_left_alone():
+    """generate() keeps scoring ended rows (then pads them): they must not get all -inf scores, or sampling fails."""
+    ended = torch.tensor([[START] + ids("<tie>", "</s>", "<pad>")])
+    assert GRAMMAR.allowed_tokens(ended[:, 1:], VOCAB).all()
+    scores = torch.randn(1, VOCAB)
+    assert torch.equal(GRAMMAR(ended, scores), scores)
 
 
 def test_batched_rows_are_constrained_independently():
@@ -125,7 +151,7 @@ def test_transcription_decodes_within_the_grammar_and_unconstrained_decoding_doe
     windows = list(processor.iter_windows(str(audio_files["flac"])))
     free = list(processor.generate_windows(windows, model, grammar=False))
     assert any(first_violation([START] + row) is not None for row in free)
-    for strategy in ({}, {"num_beams": 3}, {"do_sample": True, "top_k": 20}):
+    for strategy in ({}, {"num_beams": 3}, {"do_sample": True, "top_k": 20}, {"do_sample": True, "top_p": 0.9, "temperature": 0.7}):
         constrained = list(processor.generate_windows(windows, model, **strategy))
         assert len(constrained) == len(windows)
         for row in constrained:

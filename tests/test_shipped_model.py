@@ -1,0 +1,81 @@
+"""The default model shipped in models/sound2sheet-piano-small: its files, loading, and what it transcribes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import pipeline
+
+import sound2sheet  # noqa: F401  (registers the pipeline and Auto classes)
+from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor, read_midi
+from sound2sheet.metrics import note_metrics
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL = REPO_ROOT / "models" / "sound2sheet-piano-small"
+EXAMPLE = REPO_ROOT / "examples" / "example_piano.flac"
+# Onset F1 of the shipped model on the bundled example against its MIDI, measured when it shipped: 0.271 (greedy, fp32)
+ONSET_F1_FLOOR = 0.2
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.manual_seed(0)
+    return Sound2SheetForConditionalGeneration.from_pretrained(MODEL).eval(), Sound2SheetProcessor.from_pretrained(MODEL)
+
+
+def test_the_folder_holds_safetensors_weights_within_budget_and_every_inference_file():
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json", "processor_config.json", "README.md"):
+        assert (MODEL / name).is_file(), name
+    assert (MODEL / "model.safetensors").stat().st_size <= 40 * 2**20
+    assert not any(name.startswith("frame_head") for name in load_file(MODEL / "model.safetensors"))
+    config = json.loads((MODEL / "config.json").read_text())
+    assert config["frame_loss_weight"] == 0.0
+    assert (config["encoder_memory"], config["cross_attention_time_bias"]) == ("columns", True)
+    card = (REPO_ROOT / "model_cards" / "sound2sheet-piano-small.md").read_text()
+    assert card == (MODEL / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert {m["name"] for m in front["model-index"][0]["results"][0]["metrics"]} == {
+        "Note F1 (onset)", "Note F1 (onset+offset)", "Note F1 (onset+offset+velocity)"}
+
+
+def test_the_default_command_uses_the_shipped_model(run_transcription):
+    assert run_transcription.DEFAULT_MODEL == MODEL
+
+
+def test_the_bundled_example_is_transcribed_with_its_notes(shipped):
+    model, processor = shipped
+    notes = processor.transcribe(str(EXAMPLE), model, bf16=False)
+    scores = note_metrics(read_midi(EXAMPLE.with_suffix(".mid")), notes)
+    assert scores["onset_f1"] >= ONSET_F1_FLOOR
+
+
+def test_decoding_keeps_to_the_note_grammar_and_ends_every_window(shipped):
+    model, processor = shipped
+    windows = list(processor.iter_windows(str(EXAMPLE)))
+    rows = list(processor.generate_windows(windows, model, bf16=False))
+    assert len(rows) == len(windows) == 4
+    lengths = [row.index(processor.tokenizer.eos_token_id) + 1 for row in rows]  # each window stopped by itself
+    assert max(lengths) < 300  # far from max_new_tokens (1023)
+
+
+def test_the_pipeline_gives_the_same_notes_as_the_processor(shipped):
+    model, processor = shipped
+    transcriber = pipeline("automatic-speech-recognition", model=str(MODEL))
+    result = transcriber(str(EXAMPLE), batch_size=8)
+    expected = processor.transcribe(str(EXAMPLE), model, bf16=False)
+    assert expected and result["notes"] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap (issue 8): the early shipped model's bf16 notes match fp32's only to "
+                   "onset F1 0.60 on the example; its low-margin decisions flip, and decoding then diverges")
+def test_bf16_gives_the_notes_of_fp32_up_to_rare_near_ties(shipped):
+    model, processor = shipped
+    fp32 = processor.transcribe(str(EXAMPLE), model, bf16=False)
+    bf16 = processor.transcribe(str(EXAMPLE), model, bf16=True)
+    assert fp32 and note_metrics(fp32, bf16)["onset_f1"] >= 0.9
