@@ -15,6 +15,7 @@ This module imports only `sound2sheet.notes` from the package.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -26,6 +27,11 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .notes import Note, sort_notes
+
+logger = logging.getLogger(__name__)
+
+# MusicXML writes octaves 0-9: MIDI pitches below 12 (C0) have no spelling, and music21 would put them in octave 4.
+LOWEST_WRITABLE_PITCH = 12
 
 TEMPO_RANGE = (40.0, 208.0)  # BPM a metronome covers
 GRID = (0.25, 1 / 3)  # 16th notes and 8th-note triplets, in quarter notes
@@ -365,11 +371,16 @@ def notes_to_score(
     key: Optional[str] = None,
     title: Optional[str] = None,
 ):
-    """A quantized two-staff piano `music21.stream.Score` of the notes (see the module docstring)."""
+    """A quantized two-staff piano `music21.stream.Score` of the notes (see the module docstring). Notes below MIDI 12,
+    which MusicXML cannot spell (a piano's lowest key is 21), are left out with a warning rather than misspelled."""
     import music21
     from music21 import chord, clef, dynamics, layout, meter, note, stream, tempo as m21tempo
 
-    notes = sort_notes(notes)
+    unwritable = [n for n in notes if n.pitch < LOWEST_WRITABLE_PITCH]
+    if unwritable:
+        logger.warning("%d note(s) below MIDI %d (C0) left out of the score: MusicXML cannot spell them (pitches %s)",
+                       len(unwritable), LOWEST_WRITABLE_PITCH, sorted({n.pitch for n in unwritable}))
+    notes = sort_notes([n for n in notes if n.pitch >= LOWEST_WRITABLE_PITCH])
     if tempo is not None:
         if not 20 <= tempo <= 400:
             raise ValueError(f"tempo must be a positive number of BPM (20-400), got {tempo}")

@@ -155,3 +155,15 @@ def test_the_beat_follows_an_accelerando():
     steady = estimate_beat(notes)
     drifted = [quantize(steady.to_beats(n.onset)) for n in notes]
     assert not np.allclose(np.array(drifted) - drifted[0], positions)  # what the steady beat alone would write
+
+
+def test_pitches_musicxml_cannot_spell_are_left_out_with_a_warning_not_misspelled(tmp_path, caplog):
+    import music21
+
+    notes = [Note(onset=0.0, offset=0.5, pitch=1, velocity=80), Note(onset=0.5, offset=1.0, pitch=60, velocity=80),
+             Note(onset=1.0, offset=1.5, pitch=11, velocity=80), Note(onset=1.5, offset=2.0, pitch=12, velocity=80)]
+    with caplog.at_level("WARNING", logger="sound2sheet.sheet"):
+        path = write_musicxml(notes, tmp_path / "low.musicxml", tempo=120)
+    assert "2 note(s) below MIDI 12 (C0) left out of the score" in caplog.text and "[1, 11]" in caplog.text
+    score = music21.converter.parse(str(path))
+    assert sorted(p.midi for n in score.recurse().notes for p in n.pitches) == [12, 60]  # not 61 and 71
