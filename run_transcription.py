@@ -56,6 +56,10 @@ class TranscribeArguments:
         default=None,
         metadata={"help": "bfloat16 autocast on CPU: true/false (default: on exactly when the CPU has AMX or AVX512-BF16)."},
     )
+    refine_notes: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head: true/false (default: when it has one)."},
+    )
     tempo: Optional[float] = field(default=None, metadata={"help": "Score tempo in BPM (musicxml/pdf/png; default: estimated)."})
     time_signature: Optional[str] = field(default=None, metadata={"help": "Score time signature, 3/4 or 4/4 (default: estimated)."})
 
@@ -129,6 +133,16 @@ def load_transcriber(model_path: str, allow_pickle: bool = False, **config_overr
     return model, processor
 
 
+def check_refine_notes(refine_notes: Optional[bool], model, model_path: str):
+    """A one-line `UsageError` for `--refine_notes true` with a model that has no frame head."""
+    from sound2sheet.processing_sound2sheet import resolve_refine_notes
+
+    try:
+        resolve_refine_notes(refine_notes, model)
+    except ValueError as err:
+        raise UsageError(f"--refine_notes: model {model_path}: {err}") from None
+
+
 def write_outputs(notes, audio_path: str, stem: str, output_dir: Path, formats: List[str], model_name: str, score_options: dict):
     """Write each requested format for one transcription; returns the written paths."""
     from sound2sheet.notes import pitch_list, write_midi
@@ -198,6 +212,7 @@ def run_transcribe(argv: List[str]) -> int:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model, processor = load_transcriber(args.model, args.allow_pickle)
+    check_refine_notes(args.refine_notes, model, args.model)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -205,7 +220,8 @@ def run_transcribe(argv: List[str]) -> int:
     for audio_path, stem in tqdm(list(zip(audio_paths, output_stems(audio_paths))), desc="transcribing", unit="file"):
         try:
             notes = processor.transcribe(
-                audio_path, model, batch_size=args.batch_size, bf16=args.bf16, progress=True, **generate_kwargs
+                audio_path, model, batch_size=args.batch_size, bf16=args.bf16, progress=True,
+                refine_notes=args.refine_notes, **generate_kwargs
             )
             written = write_outputs(notes, audio_path, stem, output_dir, formats, args.model, score_options)
         except (ValueError, OSError, RuntimeError) as err:
@@ -575,6 +591,10 @@ class EvaluateArguments:
     bf16: Optional[bool] = field(
         default=None, metadata={"help": "bfloat16 autocast on CPU: true/false (default: on exactly when the CPU has AMX or AVX512-BF16)."}
     )
+    refine_notes: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head: true/false (default: when it has one)."},
+    )
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
     max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})
@@ -620,6 +640,7 @@ def run_evaluate(argv: List[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load_transcriber(args.model_name_or_path, args.allow_pickle)
+    check_refine_notes(args.refine_notes, model, args.model_name_or_path)
     examples = list(dataset)[: args.max_pieces] if args.max_pieces else list(dataset)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.plots and not output_dir:
@@ -629,7 +650,8 @@ def run_evaluate(argv: List[str]) -> int:
     per_piece = []
     for example in tqdm(examples, desc=f"evaluating {args.split}", unit="piece"):
         reference = notes_of_example(example)
-        prediction = processor.transcribe(example["audio_path"], model, batch_size=args.batch_size, bf16=args.bf16, **generate_kwargs)
+        prediction = processor.transcribe(example["audio_path"], model, batch_size=args.batch_size, bf16=args.bf16,
+                                          refine_notes=args.refine_notes, **generate_kwargs)
         scores = note_metrics(reference, prediction)
         per_piece.append({"id": example["id"], "audio_path": example["audio_path"], "reference_notes": len(reference),
                           "predicted_notes": len(prediction), **scores})

@@ -4,7 +4,7 @@
         --quality quality.json --training-summary "..."
 
 Copies the inference files of RUN (a run's final model, or a checkpoint folder) into DEST (weights as safetensors,
-config, generation config, tokenizer and feature extractor), without the training-only frame head, and writes the
+config, generation config, tokenizer and feature extractor), with the frame head that places the notes, and writes the
 model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the four-stage recipe
 (examples/train_piano_small.json, then _stage2.json, _stage3.json and _stage4.json), the data, the parameter count, and the
 test-split results that `benchmarks/quality.py --report quality.json` measured, in the card's `model-index`.
@@ -35,8 +35,10 @@ def main(argv=None):
     parser.add_argument("--cards-dir", default=str(REPO / "model_cards"), help="where the copy of the model card goes")
     args = parser.parse_args(argv)
     source, dest = Path(args.run), Path(args.dest)
-    # The auxiliary frame head only trains the encoder: the shipped model is built without it (its weights are skipped).
-    model = Sound2SheetForConditionalGeneration.from_pretrained(source, frame_loss_weight=0.0).eval()
+    # The frame head is kept: transcription places the decoded notes' onsets and offsets on it (`refine_notes`).
+    model = Sound2SheetForConditionalGeneration.from_pretrained(source).eval()
+    if not model.has_frame_head:
+        raise SystemExit(f"{source}: no frame head (frame_loss_weight is 0); the shipped model places its notes on it")
     processor = Sound2SheetProcessor.from_pretrained(source)
     if dest.exists():
         shutil.rmtree(dest)

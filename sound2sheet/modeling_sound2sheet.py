@@ -428,7 +428,8 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         super().__init__(config)
         self.model = Sound2SheetModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # Auxiliary head (training only): one column of encoder output -> onset and sounding logits per MIDI pitch.
+        # Auxiliary head: one column of encoder output -> onset and sounding logits per MIDI pitch. It trains the
+        # encoder, and at inference it places the decoded notes' onsets and offsets (`Sound2SheetProcessor.transcribe`).
         column_width = config.hidden_size * (1 if config.encoder_memory == "columns" else config.encoder_grid[0])
         self.frame_head = nn.Linear(column_width, 2 * FRAME_PITCHES) if config.frame_loss_weight > 0 else None
         self.post_init()
@@ -545,6 +546,16 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         if self.config.encoder_memory == "columns":
             return self.frame_head(encoder_hidden_states)
         return self.frame_head(tokens_by_column(encoder_hidden_states[:, AST_SPECIAL_TOKENS:], *self.config.encoder_grid))
+
+    @property
+    def has_frame_head(self) -> bool:
+        """Whether the model has the auxiliary frame head, whose onsets and offsets can place the decoded notes."""
+        return self.frame_head is not None
+
+    def frame_probabilities(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, columns, 256) probabilities of the frame head (`frame_logits`), in float32: that each MIDI pitch
+        starts in each encoder time column (first 128), and that it sounds at the column's centre (last 128)."""
+        return torch.sigmoid(self.frame_logits(encoder_hidden_states).float())
 
     @classmethod
     def from_encoder_pretrained(

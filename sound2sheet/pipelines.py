@@ -26,7 +26,7 @@ from transformers.pipelines import PIPELINE_REGISTRY, AutomaticSpeechRecognition
 from .feature_extraction_sound2sheet import load_audio
 from .modeling_sound2sheet import Sound2SheetForConditionalGeneration
 from .generation_sound2sheet import with_note_grammar
-from .processing_sound2sheet import clip_notes
+from .processing_sound2sheet import clip_notes, generate_with_frames, refine_notes_with_frames, resolve_refine_notes
 
 ASR_TASK = "automatic-speech-recognition"
 
@@ -39,7 +39,8 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
     Each result is `{"text": readable event tokens, "notes": [Note, ...]}` with note times in seconds from the start of
     the input. Generation options (`num_beams`, `do_sample`, `max_new_tokens`, ... or `generate_kwargs={...}`) are
     passed to `model.generate()`, which keeps to the note-event grammar unless `grammar=False`; `batch_size` batches
-    windows.
+    windows. Notes are placed on the model's frame head as in `Sound2SheetProcessor.transcribe` unless
+    `refine_notes=False`.
     """
 
     def __init__(self, model, *args, **kwargs):
@@ -111,14 +112,18 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
         if not self.is_sound2sheet:
             return super()._forward(model_inputs, **generate_kwargs)
         input_values = model_inputs["input_values"].to(self.model.device)
+        refine = resolve_refine_notes(generate_kwargs.pop("refine_notes", None), self.model)
         generate_kwargs = with_note_grammar(self._prepare_generate_kwargs(generate_kwargs), self.tokenizer)
-        tokens = self.model.generate(input_values=input_values, num_return_sequences=1, **generate_kwargs)
-        return {
+        tokens, frames = generate_with_frames(self.model, input_values, refine, **generate_kwargs)
+        outputs = {
             "is_last": model_inputs["is_last"],
             "tokens": tokens,
             "window_start": model_inputs["window_start"],
             "audio_seconds": model_inputs["audio_seconds"],
         }
+        if frames is not None:
+            outputs["frames"] = frames
+        return outputs
 
     def postprocess(self, model_outputs, **kwargs) -> dict[str, Any]:
         if not self.is_sound2sheet:
@@ -129,6 +134,9 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
             windows.append(tokens[1:])  # drop the decoder start token
             starts.append(float(output["window_start"].reshape(-1)[0]))
         notes = self.tokenizer.decode_windows(windows, starts, window_length=self.feature_extractor.window_seconds)
+        if "frames" in model_outputs[0]:
+            frames = [output["frames"].reshape(output["frames"].shape[-2:]).cpu().numpy() for output in model_outputs]
+            notes = refine_notes_with_frames(notes, frames, starts, self.model.config.frame_grid)
         seconds = float(model_outputs[0]["audio_seconds"].reshape(-1)[0])
         text = " | ".join(self.tokenizer.decode(window, skip_special_tokens=True) for window in windows)
         return {"text": text, "notes": clip_notes(notes, seconds)}

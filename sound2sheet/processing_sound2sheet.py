@@ -6,7 +6,7 @@ import functools
 import math
 import os
 from contextlib import nullcontext
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,6 +20,14 @@ AudioInput = Union[str, os.PathLike, np.ndarray]
 
 GENERATION_STRATEGIES = ("greedy", "beam", "sample")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute in bfloat16 natively
+# Notes placed on the frame head (`refine_notes_with_frames`), settings chosen on the validation split of
+# data/piano-synth: a peak of the onset head counts from ONSET_THRESHOLD, a decoded onset moves at most ONSET_REACH
+# seconds to reach one, and a pitch sounds while its probability is at least SUSTAIN_THRESHOLD.
+ONSET_THRESHOLD = 0.06
+ONSET_REACH = 0.25
+SUSTAIN_THRESHOLD = 0.4
+MIN_NOTE_SECONDS = 0.01  # a placed note lasts at least one time step
+FRAME_PITCHES = 128  # the frame head's pitches: onset probabilities of MIDI 0-127, then sounding probabilities
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,6 +95,137 @@ def clip_notes(notes: Iterable[Note], duration: float) -> List[Note]:
     return sort_notes(clipped)
 
 
+def onset_peaks(
+    probabilities: Iterable[np.ndarray],
+    window_starts: Iterable[float],
+    frame_grid: Tuple[float, float, int],
+    threshold: float = ONSET_THRESHOLD,
+) -> Dict[int, np.ndarray]:
+    """The onset head's peaks: for each MIDI pitch, the sorted times (seconds) of the encoder columns where its onset
+    probability is over `threshold` and a maximum along time (of a plateau, the last column).
+
+    Args:
+        probabilities: per window, a (columns, pitches) array of onset probabilities (the first half of
+            `Sound2SheetForConditionalGeneration.frame_probabilities`).
+        window_starts: each window's start in seconds.
+        frame_grid: (centre of the first column in seconds, seconds between columns, columns), the model's
+            `config.frame_grid`.
+    """
+    first, step, _ = frame_grid
+    times: Dict[int, list] = {}
+    for probs, start in zip(probabilities, window_starts):
+        probs = np.asarray(probs, dtype=np.float32)
+        is_peak = probs > threshold
+        is_peak[1:] &= probs[1:] >= probs[:-1]
+        is_peak[:-1] &= probs[:-1] > probs[1:]
+        for column, pitch in zip(*np.nonzero(is_peak)):
+            times.setdefault(int(pitch), []).append(round(float(start) + first + step * int(column), 6))
+    return {pitch: np.array(sorted(found)) for pitch, found in times.items()}
+
+
+def place_notes_on_onsets(notes: Iterable[Note], peaks: Dict[int, np.ndarray], reach: float = ONSET_REACH) -> List[Note]:
+    """Decoded notes placed on the onset head's peaks (`onset_peaks`), in onset order.
+
+    Each note's onset moves to the nearest peak of its pitch within `reach` seconds (its offset stays, or follows to
+    one time step after the new onset). A note with no peak of its pitch in reach is dropped, and so is a note whose
+    peak an earlier note already took: the decoder wrote that onset twice.
+    """
+    placed, taken = [], set()
+    for note in sort_notes(notes):
+        times = peaks.get(note.pitch)
+        if times is None or not len(times):
+            continue
+        index = int(np.searchsorted(times, note.onset))
+        nearby = times[max(index - 1, 0) : index + 1]
+        onset = float(nearby[np.argmin(np.abs(nearby - note.onset))])
+        if abs(onset - note.onset) > reach or (note.pitch, onset) in taken:
+            continue
+        taken.add((note.pitch, onset))
+        placed.append(Note(onset, max(note.offset, onset + MIN_NOTE_SECONDS), note.pitch, note.velocity))
+    return sort_notes(placed)
+
+
+def end_notes_on_sustain(
+    notes: Iterable[Note],
+    probabilities: Sequence[np.ndarray],
+    window_starts: Sequence[float],
+    frame_grid: Tuple[float, float, int],
+    threshold: float = SUSTAIN_THRESHOLD,
+) -> List[Note]:
+    """Notes whose offsets come from the frame head's sounding probabilities, in onset order.
+
+    A note ends halfway between the last column (from one column after its onset) where its pitch's probability is
+    at least `threshold` and the next column, where it is not; at the latest when its pitch starts again, and at the
+    end of the last window when the pitch sounds to the end.
+
+    Args:
+        notes: notes with their onsets placed (`place_notes_on_onsets`).
+        probabilities: per window, a (columns, pitches) array of sounding probabilities (the second half of
+            `Sound2SheetForConditionalGeneration.frame_probabilities`).
+        window_starts, frame_grid: as for `onset_peaks`.
+    """
+    first, step, columns = frame_grid
+    notes = sort_notes(notes)
+    if not notes:
+        return []
+    times = np.concatenate([float(start) + first + step * np.arange(columns) for start in window_starts])
+    sounding = np.concatenate([np.asarray(probs, dtype=np.float32) for probs in probabilities]) >= threshold
+    restarts: Dict[int, list] = {}
+    for note in notes:
+        restarts.setdefault(note.pitch, []).append(note.onset)
+    ended = []
+    for note in notes:
+        begin = int(np.searchsorted(times, note.onset + step, side="left"))
+        silent = np.flatnonzero(~sounding[begin:, note.pitch])
+        offset = float(times[begin + silent[0]] - step / 2) if len(silent) else float(times[-1] + step / 2)
+        later = [onset for onset in restarts[note.pitch] if onset > note.onset]
+        if later:
+            offset = min(offset, later[0])
+        ended.append(Note(note.onset, round(max(offset, note.onset + MIN_NOTE_SECONDS), 6), note.pitch, note.velocity))
+    return ended
+
+
+def refine_notes_with_frames(
+    notes: Iterable[Note],
+    frame_probabilities: Sequence[np.ndarray],
+    window_starts: Sequence[float],
+    frame_grid: Tuple[float, float, int],
+) -> List[Note]:
+    """Decoded notes placed on the frame head's predictions: onsets on its onset peaks (`place_notes_on_onsets`, which
+    also drops the notes it does not support), offsets where its pitch stops sounding (`end_notes_on_sustain`).
+
+    The decoder chooses which notes there are, with their velocities; its times are tens of milliseconds off, and it
+    writes surplus notes. The encoder's frame head, trained by the frame loss, places onsets and offsets better.
+
+    Args:
+        frame_probabilities: per window, the (columns, 256) array of `model.frame_probabilities`: onset
+            probabilities of the 128 MIDI pitches, then sounding probabilities.
+    """
+    onsets = [np.asarray(probs)[:, :FRAME_PITCHES] for probs in frame_probabilities]
+    sustain = [np.asarray(probs)[:, FRAME_PITCHES:] for probs in frame_probabilities]
+    placed = place_notes_on_onsets(notes, onset_peaks(onsets, window_starts, frame_grid))
+    return end_notes_on_sustain(placed, sustain, window_starts, frame_grid)
+
+
+def generate_with_frames(model, input_values: torch.Tensor, frames: bool, **generate_kwargs) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
+    """`model.generate()` on a batch of windows, and with `frames` also the frame head's (batch, columns, 256)
+    probabilities (`model.frame_probabilities`): the encoder then runs once, for both."""
+    if not frames:
+        return model.generate(input_values=input_values, num_return_sequences=1, **generate_kwargs), None
+    encoder_outputs = model.get_encoder()(input_values)
+    probabilities = model.frame_probabilities(encoder_outputs.last_hidden_state)
+    return model.generate(encoder_outputs=encoder_outputs, num_return_sequences=1, **generate_kwargs), probabilities
+
+
+def resolve_refine_notes(refine_notes: Optional[bool], model) -> bool:
+    """Whether to place the decoded notes on the frame head (`refine_notes_with_frames`): `refine_notes` if given
+    (True needs a model with the head), else exactly when the model has the head."""
+    has_head = bool(getattr(model, "has_frame_head", False))
+    if refine_notes and not has_head:
+        raise ValueError("refine_notes=True needs a model with a frame head (trained with frame_loss_weight > 0); this one has none.")
+    return has_head if refine_notes is None else bool(refine_notes)
+
+
 def _batched(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -106,8 +245,9 @@ class Sound2SheetProcessor(ProcessorMixin):
       audio, and `labels` (padded with -100) from the notes, for training.
     - `processor.transcribe(audio, model)` transcribes audio of any length: it cuts the audio into consecutive windows
       while reading it, runs them through `model.generate()` in batches, and stitches the notes across window boundaries
-      with the tokenizer's tie section, so a note held across windows comes out as one note. Memory is bounded by the
-      window batch, not by the audio length.
+      with the tokenizer's tie section, so a note held across windows comes out as one note. With a model that has an
+      frame head, the notes are then placed on its onsets and offsets (`refine_notes_with_frames`). Memory is bounded by
+      the window batch, not by the audio length (only the tokens and frame tables of past windows, ~60 kB each, are kept).
 
     Args:
         feature_extractor ([`Sound2SheetFeatureExtractor`]): makes log-mel windows.
@@ -198,20 +338,25 @@ class Sound2SheetProcessor(ProcessorMixin):
         model,
         batch_size: int = 8,
         bf16: Optional[bool] = None,
+        return_frames: bool = False,
         **generate_kwargs,
-    ) -> Iterator[List[int]]:
+    ) -> Iterator[Union[List[int], Tuple[List[int], np.ndarray]]]:
         """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time (`bf16` and
-        `grammar`: see `transcribe`)."""
+        `grammar`: see `transcribe`). With `return_frames`, (token ids, the frame head's (columns, 256)
+        probabilities, `model.frame_probabilities`) for each window."""
         generate_kwargs = with_note_grammar(generate_kwargs, self.tokenizer)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16(bf16, model) else nullcontext()
         for batch in _batched(windows, batch_size):
             features = self.feature_extractor(batch, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt")
             with torch.inference_mode(), autocast:
-                sequences = model.generate(
-                    input_values=features["input_values"].to(model.device), num_return_sequences=1, **generate_kwargs
+                sequences, frames = generate_with_frames(
+                    model, features["input_values"].to(model.device), return_frames, **generate_kwargs
                 )
-            for row in sequences.tolist():
-                yield row[1:]  # drop the decoder start token
+            rows = [row[1:] for row in sequences.tolist()]  # drop the decoder start token
+            if return_frames:
+                yield from zip(rows, frames.float().cpu().numpy())
+            else:
+                yield from rows
 
     def transcribe(
         self,
@@ -222,6 +367,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         midi_path: Optional[str | os.PathLike] = None,
         progress: bool = False,
         bf16: Optional[bool] = None,
+        refine_notes: Optional[bool] = None,
         **generate_kwargs: Any,
     ) -> List[Note]:
         """Transcribe audio of any length into notes (seconds from the start of the audio), in onset order.
@@ -235,6 +381,9 @@ class Sound2SheetProcessor(ProcessorMixin):
             bf16: run the model under bfloat16 autocast on CPU. None (default): exactly when the CPU computes
                 bfloat16 natively (AMX or AVX512-BF16; `cpu_has_fast_bf16`), where it is faster; elsewhere PyTorch
                 emulates it and float32 is faster. The notes match float32's up to rare near-ties.
+            refine_notes: place the decoded notes on the model's frame head (`refine_notes_with_frames`: onsets on
+                its onset peaks, dropping the notes it does not support; offsets where it stops hearing the pitch).
+                None (default): exactly when the model has a frame head (`model.has_frame_head`).
             generate_kwargs: decoding options for `model.generate()` (`num_beams`, `do_sample`, `temperature`, `top_k`,
                 `top_p`, `max_new_tokens`, `logits_processor`, ...); see `strategy_generate_kwargs` for named
                 strategies. Decoding keeps to the tokenizer's note-event grammar (`NoteEventGrammarLogitsProcessor`:
@@ -254,9 +403,15 @@ class Sound2SheetProcessor(ProcessorMixin):
 
             name = os.path.basename(os.fspath(audio)) if isinstance(audio, (str, os.PathLike)) else "audio"
             windows = tqdm(windows, total=self.count_windows(audio, sampling_rate), desc=name, unit="window", leave=False)
-        token_windows = list(self.generate_windows(windows, model, batch_size=batch_size, bf16=bf16, **generate_kwargs))
+        refine = resolve_refine_notes(refine_notes, model)
+        outputs = list(
+            self.generate_windows(windows, model, batch_size=batch_size, bf16=bf16, return_frames=refine, **generate_kwargs)
+        )
+        token_windows = [output[0] for output in outputs] if refine else outputs
         starts = [index * self.window_seconds for index in range(len(token_windows))]
         notes = self.tokenizer.decode_windows(token_windows, starts, window_length=self.window_seconds)
+        if refine:
+            notes = refine_notes_with_frames(notes, [output[1] for output in outputs], starts, model.config.frame_grid)
         notes = clip_notes(notes, self.duration(audio))
         if midi_path is not None:
             write_midi(notes, midi_path)
@@ -267,4 +422,13 @@ class Sound2SheetProcessor(ProcessorMixin):
         return pitch_list(self.transcribe(audio, model, **kwargs))
 
 
-__all__ = ["Sound2SheetProcessor", "strategy_generate_kwargs", "cpu_has_fast_bf16", "GENERATION_STRATEGIES"]
+__all__ = [
+    "Sound2SheetProcessor",
+    "strategy_generate_kwargs",
+    "cpu_has_fast_bf16",
+    "onset_peaks",
+    "place_notes_on_onsets",
+    "end_notes_on_sustain",
+    "refine_notes_with_frames",
+    "GENERATION_STRATEGIES",
+]

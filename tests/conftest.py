@@ -32,19 +32,24 @@ def piano_like(seconds: float, rate: int, pitches=(48, 60, 67, 76)) -> np.ndarra
     return (0.2 * signal).astype(np.float32)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random Sound2Sheet model with a full-size feature extractor and tokenizer, saved like a release."""
-    tester = Sound2SheetModelTester()
-    model = tester.get_model(
+def save_tiny_model(folder: Path, **overrides) -> Path:
+    """Save a tiny random Sound2Sheet model (config `overrides` applied) with a full-size feature extractor and
+    tokenizer to `folder`, like a release."""
+    model = Sound2SheetModelTester().get_model(
         max_target_positions=128,
         encoder_config={"max_length": 256, "num_mel_bins": 128, "frequency_stride": 16, "time_stride": 4},
+        **overrides,
     )
     model.generation_config.max_new_tokens = 24
-    folder = tmp_path_factory.mktemp("tiny-model")
     model.save_pretrained(folder)
     Sound2SheetProcessor(Sound2SheetFeatureExtractor(), Sound2SheetTokenizer()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Sound2Sheet model with a full-size feature extractor and tokenizer, saved like a release."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="session")

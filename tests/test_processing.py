@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import soundfile
 import torch
-from transformers import AutoProcessor, pipeline
+from transformers import AutoProcessor, LogitsProcessorList, pipeline
 
 from sound2sheet import (
     Note,
@@ -17,9 +18,19 @@ from sound2sheet import (
     read_midi,
 )
 from sound2sheet.feature_extraction_sound2sheet import load_audio
-from sound2sheet.processing_sound2sheet import cpu_has_fast_bf16, strategy_generate_kwargs
+from sound2sheet.generation_sound2sheet import NoteEventGrammarLogitsProcessor
+from sound2sheet.processing_sound2sheet import (
+    clip_notes,
+    cpu_has_fast_bf16,
+    end_notes_on_sustain,
+    onset_peaks,
+    place_notes_on_onsets,
+    refine_notes_with_frames,
+    resolve_refine_notes,
+    strategy_generate_kwargs,
+)
 
-from .conftest import piano_like
+from .conftest import piano_like, save_tiny_model
 
 PROCESSOR = Sound2SheetProcessor(Sound2SheetFeatureExtractor(), Sound2SheetTokenizer())
 
@@ -211,3 +222,110 @@ def test_cli_bf16_flag_alone_means_true_and_absent_means_automatic(run_transcrip
     parser = run_transcription.build_parser((run_transcription.TranscribeArguments,), prog="transcribe")
     parse = lambda *argv: parser.parse_args_into_dataclasses(["--output-dir", "out", *argv], return_remaining_strings=True)[0].bf16  # noqa: E731
     assert (parse(), parse("--bf16"), parse("--bf16", "false"), parse("--bf16", "true")) == (None, True, False, True)
+
+
+# --- notes placed on the frame head --------------------------------------------------------------------------------
+
+
+def test_onset_peaks_are_columns_over_the_threshold_that_peak_along_time():
+    grid = (0.075, 0.04, 5)  # column centres 0.075, 0.115, 0.155, 0.195, 0.235 s into a window
+    first = np.zeros((5, 128), dtype=np.float32)
+    first[:, 60] = [0.1, 0.9, 0.3, 0.5, 0.2]  # peaks at columns 1 and 3
+    first[:, 61] = [0.05, 0.05, 0.05, 0.05, 0.05]  # never over the threshold
+    first[:, 62] = [0.0, 0.4, 0.4, 0.0, 0.7]  # a plateau counts once (its last column); the last column can peak
+    second = np.zeros((5, 128), dtype=np.float32)
+    second[0, 60] = 0.3  # the first column can peak
+    peaks = onset_peaks([first, second], [0.0, 2.56], grid, threshold=0.06)
+    assert set(peaks) == {60, 62}
+    assert peaks[60].tolist() == [0.115, 0.195, 2.635]
+    assert peaks[62].tolist() == [0.155, 0.235]
+    high = onset_peaks([first], [0.0], grid, threshold=0.75)
+    assert list(high) == [60] and high[60].tolist() == [0.115]
+
+
+def test_place_notes_on_onsets_moves_drops_and_merges():
+    peaks = {60: np.array([0.115, 1.0]), 64: np.array([0.5])}
+    notes = [
+        Note(0.09, 0.6, 60, 80),  # -> the peak at 0.115
+        Note(0.14, 0.3, 60, 70),  # the same peak again: the decoder wrote one onset twice -> dropped
+        Note(0.9, 0.95, 60, 90),  # -> 1.0, and its offset follows to one step after the new onset
+        Note(0.2, 0.4, 62, 60),  # no peak of its pitch -> dropped
+        Note(0.1, 0.8, 64, 50),  # the nearest peak is 0.4 s away, out of reach -> dropped
+        Note(0.45, 0.8, 64, 50),  # -> 0.5
+    ]
+    placed = place_notes_on_onsets(notes, peaks, reach=0.25)
+    assert placed == [Note(0.115, 0.6, 60, 80), Note(0.5, 0.8, 64, 50), Note(1.0, 1.01, 60, 90)]
+    assert place_notes_on_onsets(notes, peaks, reach=0.5)[:2] == [Note(0.115, 0.6, 60, 80), Note(0.5, 0.8, 64, 50)]
+    assert place_notes_on_onsets(notes, {}) == []
+
+
+def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():
+    grid = (0.075, 0.04, 5)  # centres 0.075 ... 0.235 s, then 0.335 ... 0.495 s in the second window (start 0.26)
+    first, second = np.zeros((5, 128), dtype=np.float32), np.zeros((5, 128), dtype=np.float32)
+    first[:, 60] = [0.9, 0.9, 0.9, 0.2, 0.9]  # stops after column 2: ends halfway to column 3, 0.175 s
+    first[:, 62] = [0.9, 0.9, 0.9, 0.9, 0.9]
+    second[:, 62] = [0.9, 0.9, 0.1, 0.0, 0.0]  # sounds across the window boundary, ends halfway 0.375-0.415 s
+    first[:, 64], second[:, 64] = 0.9, 0.9  # sounds to the end
+    first[:, 65] = [0.9, 0.0, 0.0, 0.0, 0.0]  # silent from the next column: ends halfway to it, 0.095 s
+    notes = [
+        Note(0.075, 1.0, 60, 80),
+        Note(0.075, 0.1, 62, 70),
+        Note(0.075, 0.3, 64, 60),
+        Note(0.2, 0.3, 64, 60),  # the same pitch again: the first one ends where it starts
+        Note(0.075, 0.2, 65, 50),
+        Note(0.075, 0.2, 66, 40),  # never heard: the same
+    ]
+    ended = end_notes_on_sustain(notes, [first, second], [0.0, 0.26], grid, threshold=0.5)
+    assert ended == [
+        Note(0.075, 0.175, 60, 80),
+        Note(0.075, 0.395, 62, 70),
+        Note(0.075, 0.2, 64, 60),
+        Note(0.075, 0.095, 65, 50),
+        Note(0.075, 0.095, 66, 40),
+        Note(0.2, 0.515, 64, 60),
+    ]
+    assert end_notes_on_sustain([], [first], [0.0], grid) == []
+
+
+@pytest.fixture(scope="module")
+def frame_model_dir(tmp_path_factory):
+    """A tiny random model with the frame head, which places the decoded notes."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-frame-model"), frame_loss_weight=1.0)
+
+
+def test_transcribe_places_the_decoded_notes_on_the_frame_head(frame_model_dir, audio_files):
+    model = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir).eval()
+    processor = Sound2SheetProcessor.from_pretrained(frame_model_dir)
+    assert model.has_frame_head and resolve_refine_notes(None, model)
+    # Rebuilt from the public pieces: tokens from generate() on the input values, probabilities from the encoder.
+    windows = list(processor.iter_windows(audio_files["flac"]))
+    inputs = processor.feature_extractor(windows, sampling_rate=16000, return_tensors="pt")["input_values"]
+    with torch.inference_mode():
+        grammar = LogitsProcessorList([NoteEventGrammarLogitsProcessor.from_tokenizer(processor.tokenizer)])
+        tokens = [row[1:] for row in model.generate(input_values=inputs, do_sample=False, logits_processor=grammar).tolist()]
+        hidden = model.get_encoder()(inputs).last_hidden_state
+        probabilities = model.frame_probabilities(hidden)
+    assert probabilities.shape == (3, 61, 256) and probabilities.dtype == torch.float32
+    assert torch.equal(probabilities, torch.sigmoid(model.frame_logits(hidden)))
+    starts = [0.0, 2.56, 5.12]
+    decoded = processor.tokenizer.decode_windows(tokens, starts, window_length=2.56)
+    expected = clip_notes(refine_notes_with_frames(decoded, probabilities.numpy(), starts, model.config.frame_grid), 6.0)
+    unrefined = clip_notes(decoded, 6.0)
+    assert expected and expected != unrefined  # the test would not tell the two apart otherwise
+    assert processor.transcribe(audio_files["flac"], model, batch_size=2) == expected
+    assert processor.transcribe(audio_files["flac"], model, refine_notes=False) == unrefined
+    transcriber = pipeline("automatic-speech-recognition", model=str(frame_model_dir))
+    assert transcriber(str(audio_files["flac"]))["notes"] == expected
+    assert transcriber(str(audio_files["flac"]), batch_size=2, refine_notes=False)["notes"] == unrefined
+
+
+def test_refine_notes_needs_a_frame_head(tiny_model_dir, audio_files, run_transcription, tmp_path, capsys):
+    model = Sound2SheetForConditionalGeneration.from_pretrained(tiny_model_dir)
+    assert not model.has_frame_head and not resolve_refine_notes(None, model)
+    with pytest.raises(ValueError, match="refine_notes=True needs a model with a frame head"):
+        Sound2SheetProcessor.from_pretrained(tiny_model_dir).transcribe(audio_files["wav"], model, refine_notes=True)
+    argv = ["transcribe", str(audio_files["wav"]), "--output-dir", str(tmp_path), "--model", str(tiny_model_dir), "--refine_notes"]
+    assert run_transcription.main(argv) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading progress bar
+    assert last_line.startswith(f"error: --refine_notes: model {tiny_model_dir}: refine_notes=True needs a model")
+    assert not any(tmp_path.iterdir())
