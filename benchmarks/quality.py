@@ -8,6 +8,7 @@ The test split is any manifest dataset (`DATASET/test/manifest.json`); the proje
     python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0
 
 whose test pieces are unseen pieces played with the held-out soundfont (TimGM6mb), with pedal and tempo variation.
+With `--unrefined`, the model is also scored on its decoder's own note times (`refine_notes=False`).
 Prints, per system, the mean over pieces (MAESTRO's convention) of onset F1, onset+offset F1 and
 onset+offset+velocity F1 (mir_eval, 50 ms onset tolerance), and the CPU seconds each system spent. basic-pitch runs
 when it is installed (`pip install --no-deps basic-pitch==0.4.0 librosa resampy scikit-learn onnxruntime`: its
@@ -33,12 +34,19 @@ REPO = Path(__file__).resolve().parent.parent
 SHOWN = ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1")
 
 
-def sound2sheet_system(model_path: str, batch_size: int) -> Callable[[str], List[Note]]:
+def sound2sheet_systems(model_path: str, batch_size: int, unrefined: bool) -> Dict[str, Callable[[str], List[Note]]]:
+    """The model as shipped (notes placed on its frame head when it has one), and with `unrefined` also as the
+    decoder alone wrote them (`refine_notes=False`)."""
     if os.path.sep in model_path and not os.path.isdir(model_path):
         raise SystemExit(f"--model {model_path}: no such model folder (train one: see README.md, 'The model')")
     model = Sound2SheetForConditionalGeneration.from_pretrained(model_path).eval()
     processor = Sound2SheetProcessor.from_pretrained(model_path)
-    return lambda path: processor.transcribe(path, model, batch_size=batch_size)
+    systems = {"sound2sheet": lambda path: processor.transcribe(path, model, batch_size=batch_size)}
+    if unrefined:
+        if not model.has_frame_head:
+            raise SystemExit(f"--unrefined: {model_path} has no frame head, so its notes are the decoder's already")
+        systems["sound2sheet, decoder times"] = lambda path: processor.transcribe(path, model, batch_size=batch_size, refine_notes=False)
+    return systems
 
 
 def basic_pitch_system(threads: int | None = None) -> Callable[[str], List[Note]] | None:
@@ -77,12 +85,14 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-basic-pitch", action="store_true", help="skip basic-pitch even when installed")
+    parser.add_argument("--unrefined", action="store_true",
+                        help="also score the decoder's own note times (refine_notes=False), to see what the frame head adds")
     parser.add_argument("--report", default=None, help="also write per-piece scores to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     examples = list(load_manifest_dataset(args.manifest_dir, split=args.split))[: args.max_pieces]
-    systems: Dict[str, Callable[[str], List[Note]]] = {"sound2sheet": sound2sheet_system(args.model, args.batch_size)}
+    systems: Dict[str, Callable[[str], List[Note]]] = sound2sheet_systems(args.model, args.batch_size, args.unrefined)
     other = None if args.no_basic_pitch else basic_pitch_system(threads=args.threads)
     if other is not None:
         systems["basic-pitch 0.4.0"] = other
@@ -100,12 +110,12 @@ def main():
             prediction = transcribe(example["audio_path"])
             cpu[name] += time.process_time() - start
             scores[name].append({"id": example["id"], **note_metrics(reference, prediction)})
-    print(f"{'system':<20}" + "".join(f"{name:>28}" for name in SHOWN) + f"{'CPU s / audio s':>18}")
+    print(f"{'system':<28}" + "".join(f"{name:>28}" for name in SHOWN) + f"{'CPU s / audio s':>18}")
     summary = {}
     for name in systems:
         mean = mean_metrics([{k: v for k, v in piece.items() if k != "id"} for piece in scores[name]])
         summary[name] = {**{k: mean[k] for k in SHOWN}, "cpu_seconds_per_audio_second": cpu[name] / seconds}
-        print(f"{name:<20}" + "".join(f"{mean[k]:>28.3f}" for k in SHOWN) + f"{cpu[name] / seconds:>18.3f}")
+        print(f"{name:<28}" + "".join(f"{mean[k]:>28.3f}" for k in SHOWN) + f"{cpu[name] / seconds:>18.3f}")
     if args.report:
         Path(args.report).write_text(json.dumps({"summary": summary, "per_piece": scores}, indent=1))
 

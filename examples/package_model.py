@@ -5,8 +5,8 @@
 
 Copies the inference files of RUN (a run's final model, or a checkpoint folder) into DEST (weights as safetensors,
 config, generation config, tokenizer and feature extractor), with the frame head that places the notes, and writes the
-model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the four-stage recipe
-(examples/train_piano_small.json, then _stage2.json, _stage3.json and _stage4.json), the data, the parameter count, and the
+model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the five-stage recipe
+(examples/train_piano_small.json, then _stage2.json to _stage5.json), the data, the parameter count, and the
 test-split results that `benchmarks/quality.py --report quality.json` measured, in the card's `model-index`.
 """
 
@@ -21,7 +21,7 @@ from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcesso
 from sound2sheet.training import write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", "_stage2", "_stage3", "_stage4"))
+RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", "_stage2", "_stage3", "_stage4", "_stage5"))
 CORPUS_COMMAND = "python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0"
 MAX_WEIGHTS_MB = 40
 
@@ -68,13 +68,18 @@ def main(argv=None):
         "`checkpoint-1000`.\n"
         "5. Stage 4, cross-attention biased by each column's distance from the current time "
         "(`cross_attention_time_bias`, new biases starting at zero): "
-        "`python run_transcription.py train examples/train_piano_small_stage4.json`.\n\n"
+        "`python run_transcription.py train examples/train_piano_small_stage4.json`; stage 5 starts from its "
+        "`checkpoint-2000`.\n"
+        "6. Stage 5, more steps of the same on a fresh schedule: "
+        "`python run_transcription.py train examples/train_piano_small_stage5.json`.\n\n"
+        "At inference, the decoded notes are placed on the frame head's onsets and offsets (`refine_notes`, on by "
+        "default for this model).\n\n"
         + "".join(f"Stage {number}:\n\n```json\n{text}\n```\n\n" for number, text in enumerate(stages, start=1))
         + args.training_summary
     )
     extra = ("Whole test pieces (unseen pieces, the held-out TimGM6mb soundfont, pedal and tempo variation), measured "
-             "with `python benchmarks/quality.py --report quality.json`, side by side with basic-pitch on the same "
-             "files:\n\n" + "\n".join(lines))
+             "with `python benchmarks/quality.py --unrefined --report quality.json`, side by side with basic-pitch on "
+             "the same files (`decoder times`: the same model with `refine_notes=False`):\n\n" + "\n".join(lines))
     card = write_model_card(dest, model_name=dest.name, results=ours, parameters=model.count_parameters()["total"], recipe=recipe,
                             dataset_name="sound2sheet synthetic piano corpus (data/piano-synth, test split)", extra_sections=extra)
     Path(args.cards_dir).mkdir(parents=True, exist_ok=True)

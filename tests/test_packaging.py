@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -24,7 +25,7 @@ def load_script(name: str):
     return module
 
 
-def test_packaging_drops_the_frame_head_and_writes_the_card_with_the_measured_results(tmp_path):
+def test_packaging_keeps_the_frame_head_and_writes_the_card_with_the_measured_results(tmp_path):
     run = tmp_path / "run"
     model = Sound2SheetModelTester().get_model(
         frame_loss_weight=20.0, encoder_config={"max_length": 256, "num_mel_bins": 128, "frequency_stride": 16, "time_stride": 4}
@@ -41,9 +42,10 @@ def test_packaging_drops_the_frame_head_and_writes_the_card_with_the_measured_re
                                        "--training-summary", "Trained for a while.", "--cards-dir", str(cards)])
 
     weights = load_file(dest / "model.safetensors")
-    assert not any(name.startswith("frame_head") for name in weights)
+    assert {"frame_head.weight", "frame_head.bias"} <= set(weights)
     shipped = Sound2SheetForConditionalGeneration.from_pretrained(dest).eval()
-    assert shipped.config.frame_loss_weight == 0.0 and shipped.frame_head is None
+    assert shipped.has_frame_head
+    assert shipped.state_dict().keys() == model.state_dict().keys()
     for name, tensor in shipped.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
     Sound2SheetProcessor.from_pretrained(dest)  # tokenizer and feature extractor files are there
@@ -56,4 +58,19 @@ def test_packaging_drops_the_frame_head_and_writes_the_card_with_the_measured_re
     assert "examples/train_piano_small_stage2.json" in card and '"frame_loss_weight": 20.0' in card
     assert "examples/train_piano_small_stage3.json" in card and '"encoder_memory": "columns"' in card
     assert "examples/train_piano_small_stage4.json" in card and '"cross_attention_time_bias": true' in card
+    assert "examples/train_piano_small_stage5.json" in card and '"output_dir": "runs/piano-small-stage5"' in card
+    assert "placed on the frame head's onsets and offsets" in card
     assert "| basic-pitch 0.4.0 | 0.783 | 0.428 | 0.124 | 0.096 |" in card and "Trained for a while." in card
+
+
+def test_packaging_refuses_a_model_without_the_frame_head(tmp_path):
+    run = tmp_path / "run"
+    Sound2SheetModelTester().get_model(
+        encoder_config={"max_length": 256, "num_mel_bins": 128, "frequency_stride": 16, "time_stride": 4}
+    ).save_pretrained(run)
+    Sound2SheetProcessor(Sound2SheetFeatureExtractor(), Sound2SheetTokenizer()).save_pretrained(run)
+    (tmp_path / "quality.json").write_text("{}")
+    dest = tmp_path / "models" / "piano-test"
+    with pytest.raises(SystemExit, match="no frame head"):
+        load_script("package_model").main([str(run), str(dest), "--quality", str(tmp_path / "quality.json")])
+    assert not dest.exists()
