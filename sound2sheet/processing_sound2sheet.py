@@ -147,21 +147,20 @@ def place_notes_on_onsets(notes: Iterable[Note], peaks: Dict[int, np.ndarray], r
 
 def end_notes_on_sustain(
     notes: Iterable[Note],
-    probabilities: Sequence[np.ndarray],
+    sounding: Sequence[np.ndarray],
     window_starts: Sequence[float],
     frame_grid: Tuple[float, float, int],
-    threshold: float = SUSTAIN_THRESHOLD,
 ) -> List[Note]:
-    """Notes whose offsets come from the frame head's sounding probabilities, in onset order.
+    """Notes whose offsets come from where the frame head hears their pitch, in onset order.
 
-    A note ends halfway between the last column (from one column after its onset) where its pitch's probability is
-    at least `threshold` and the next column, where it is not; at the latest when its pitch starts again, and at the
-    end of the last window when the pitch sounds to the end.
+    A note ends halfway between the last column (from one column after its onset) where its pitch sounds and the
+    next column, where it does not; at the latest when its pitch starts again, and at the end of the last window when
+    the pitch sounds to the end.
 
     Args:
         notes: notes with their onsets placed (`place_notes_on_onsets`).
-        probabilities: per window, a (columns, pitches) array of sounding probabilities (the second half of
-            `Sound2SheetForConditionalGeneration.frame_probabilities`).
+        sounding: per window, a (columns, pitches) boolean array: the frame head's sounding probability (the second
+            half of `Sound2SheetForConditionalGeneration.frame_probabilities`) at least `SUSTAIN_THRESHOLD`.
         window_starts, frame_grid: as for `onset_peaks`.
     """
     first, step, columns = frame_grid
@@ -169,20 +168,51 @@ def end_notes_on_sustain(
     if not notes:
         return []
     times = np.concatenate([float(start) + first + step * np.arange(columns) for start in window_starts])
-    sounding = np.concatenate([np.asarray(probs, dtype=np.float32) for probs in probabilities]) >= threshold
+    heard = np.concatenate([np.asarray(window, dtype=bool) for window in sounding])
     restarts: Dict[int, list] = {}
     for note in notes:
         restarts.setdefault(note.pitch, []).append(note.onset)
     ended = []
     for note in notes:
         begin = int(np.searchsorted(times, note.onset + step, side="left"))
-        silent = np.flatnonzero(~sounding[begin:, note.pitch])
+        silent = np.flatnonzero(~heard[begin:, note.pitch])
         offset = float(times[begin + silent[0]] - step / 2) if len(silent) else float(times[-1] + step / 2)
         later = [onset for onset in restarts[note.pitch] if onset > note.onset]
         if later:
             offset = min(offset, later[0])
         ended.append(Note(note.onset, round(max(offset, note.onset + MIN_NOTE_SECONDS), 6), note.pitch, note.velocity))
     return ended
+
+
+class FrameEvidence:
+    """What the frame head says about a piece, gathered window by window in compact form (its onset peaks, and a
+    boolean table of where each pitch sounds: about 8 kB per window instead of the 62 kB of probabilities), to place
+    the decoded notes on it once the piece is decoded (`place`).
+
+    Args:
+        frame_grid: the model's `config.frame_grid`.
+    """
+
+    def __init__(self, frame_grid: Tuple[float, float, int]):
+        self.frame_grid = tuple(frame_grid)
+        self.peaks: Dict[int, list] = {}
+        self.sounding: List[np.ndarray] = []
+        self.window_starts: List[float] = []
+
+    def add(self, frame_probabilities: np.ndarray, window_start: float):
+        """Take one window's (columns, 256) `model.frame_probabilities`, starting at `window_start` seconds."""
+        probabilities = np.asarray(frame_probabilities, dtype=np.float32)
+        for pitch, times in onset_peaks([probabilities[:, :FRAME_PITCHES]], [window_start], self.frame_grid).items():
+            self.peaks.setdefault(pitch, []).extend(times.tolist())
+        self.sounding.append(probabilities[:, FRAME_PITCHES:] >= SUSTAIN_THRESHOLD)
+        self.window_starts.append(float(window_start))
+
+    def place(self, notes: Iterable[Note]) -> List[Note]:
+        """`notes` with onsets on the onset peaks (`place_notes_on_onsets`, which drops the notes the head does not
+        support) and offsets where their pitch stops sounding (`end_notes_on_sustain`)."""
+        peaks = {pitch: np.array(sorted(times)) for pitch, times in self.peaks.items()}
+        placed = place_notes_on_onsets(notes, peaks)
+        return end_notes_on_sustain(placed, self.sounding, self.window_starts, self.frame_grid)
 
 
 def refine_notes_with_frames(
@@ -201,13 +231,15 @@ def refine_notes_with_frames(
         frame_probabilities: per window, the (columns, 256) array of `model.frame_probabilities`: onset
             probabilities of the 128 MIDI pitches, then sounding probabilities.
     """
-    onsets = [np.asarray(probs)[:, :FRAME_PITCHES] for probs in frame_probabilities]
-    sustain = [np.asarray(probs)[:, FRAME_PITCHES:] for probs in frame_probabilities]
-    placed = place_notes_on_onsets(notes, onset_peaks(onsets, window_starts, frame_grid))
-    return end_notes_on_sustain(placed, sustain, window_starts, frame_grid)
+    evidence = FrameEvidence(frame_grid)
+    for probabilities, start in zip(frame_probabilities, window_starts):
+        evidence.add(probabilities, start)
+    return evidence.place(notes)
 
 
-def generate_with_frames(model, input_values: torch.Tensor, frames: bool, **generate_kwargs) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
+def generate_with_frames(
+    model, input_values: torch.Tensor, frames: bool, **generate_kwargs
+) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
     """`model.generate()` on a batch of windows, and with `frames` also the frame head's (batch, columns, 256)
     probabilities (`model.frame_probabilities`): the encoder then runs once, for both."""
     if not frames:
@@ -222,7 +254,9 @@ def resolve_refine_notes(refine_notes: Optional[bool], model) -> bool:
     (True needs a model with the head), else exactly when the model has the head."""
     has_head = bool(getattr(model, "has_frame_head", False))
     if refine_notes and not has_head:
-        raise ValueError("refine_notes=True needs a model with a frame head (trained with frame_loss_weight > 0); this one has none.")
+        raise ValueError(
+            "refine_notes=True needs a model with a frame head (trained with frame_loss_weight > 0); this one has none."
+        )
     return has_head if refine_notes is None else bool(refine_notes)
 
 
@@ -247,7 +281,7 @@ class Sound2SheetProcessor(ProcessorMixin):
       while reading it, runs them through `model.generate()` in batches, and stitches the notes across window boundaries
       with the tokenizer's tie section, so a note held across windows comes out as one note. With a model that has an
       frame head, the notes are then placed on its onsets and offsets (`refine_notes_with_frames`). Memory is bounded by
-      the window batch, not by the audio length (only the tokens and frame tables of past windows, ~60 kB each, are kept).
+      the window batch, not by the audio length (of past windows, only the tokens and the compact frame evidence stay).
 
     Args:
         feature_extractor ([`Sound2SheetFeatureExtractor`]): makes log-mel windows.
@@ -404,14 +438,18 @@ class Sound2SheetProcessor(ProcessorMixin):
             name = os.path.basename(os.fspath(audio)) if isinstance(audio, (str, os.PathLike)) else "audio"
             windows = tqdm(windows, total=self.count_windows(audio, sampling_rate), desc=name, unit="window", leave=False)
         refine = resolve_refine_notes(refine_notes, model)
-        outputs = list(
-            self.generate_windows(windows, model, batch_size=batch_size, bf16=bf16, return_frames=refine, **generate_kwargs)
-        )
-        token_windows = [output[0] for output in outputs] if refine else outputs
+        evidence = FrameEvidence(model.config.frame_grid) if refine else None
+        token_windows = []
+        outputs = self.generate_windows(windows, model, batch_size=batch_size, bf16=bf16, return_frames=refine, **generate_kwargs)
+        for output in outputs:
+            if refine:  # keep only the compact evidence of each window's frame table
+                output, frames = output
+                evidence.add(frames, len(token_windows) * self.window_seconds)
+            token_windows.append(output)
         starts = [index * self.window_seconds for index in range(len(token_windows))]
         notes = self.tokenizer.decode_windows(token_windows, starts, window_length=self.window_seconds)
         if refine:
-            notes = refine_notes_with_frames(notes, [output[1] for output in outputs], starts, model.config.frame_grid)
+            notes = evidence.place(notes)
         notes = clip_notes(notes, self.duration(audio))
         if midi_path is not None:
             write_midi(notes, midi_path)
@@ -430,5 +468,6 @@ __all__ = [
     "place_notes_on_onsets",
     "end_notes_on_sustain",
     "refine_notes_with_frames",
+    "FrameEvidence",
     "GENERATION_STRATEGIES",
 ]

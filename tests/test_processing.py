@@ -259,7 +259,7 @@ def test_place_notes_on_onsets_moves_drops_and_merges():
     assert place_notes_on_onsets(notes, {}) == []
 
 
-def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():
+def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():  # (sounding: probability >= 0.5 here)
     grid = (0.075, 0.04, 5)  # centres 0.075 ... 0.235 s, then 0.335 ... 0.495 s in the second window (start 0.26)
     first, second = np.zeros((5, 128), dtype=np.float32), np.zeros((5, 128), dtype=np.float32)
     first[:, 60] = [0.9, 0.9, 0.9, 0.2, 0.9]  # stops after column 2: ends halfway to column 3, 0.175 s
@@ -275,7 +275,7 @@ def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():
         Note(0.075, 0.2, 65, 50),
         Note(0.075, 0.2, 66, 40),  # never heard: the same
     ]
-    ended = end_notes_on_sustain(notes, [first, second], [0.0, 0.26], grid, threshold=0.5)
+    ended = end_notes_on_sustain(notes, [first >= 0.5, second >= 0.5], [0.0, 0.26], grid)
     assert ended == [
         Note(0.075, 0.175, 60, 80),
         Note(0.075, 0.395, 62, 70),
