@@ -279,7 +279,7 @@ class Sound2SheetProcessor(ProcessorMixin):
       audio, and `labels` (padded with -100) from the notes, for training.
     - `processor.transcribe(audio, model)` transcribes audio of any length: it cuts the audio into consecutive windows
       while reading it, runs them through `model.generate()` in batches, and stitches the notes across window boundaries
-      with the tokenizer's tie section, so a note held across windows comes out as one note. With a model that has an
+      with the tokenizer's tie section, so a note held across windows comes out as one note. With a model that has a
       frame head, the notes are then placed on its onsets and offsets (`refine_notes_with_frames`). Memory is bounded by
       the window batch, not by the audio length (of past windows, only the tokens and the compact frame evidence stay).
 
@@ -414,7 +414,8 @@ class Sound2SheetProcessor(ProcessorMixin):
             progress: show a progress bar over the windows.
             bf16: run the model under bfloat16 autocast on CPU. None (default): exactly when the CPU computes
                 bfloat16 natively (AMX or AVX512-BF16; `cpu_has_fast_bf16`), where it is faster; elsewhere PyTorch
-                emulates it and float32 is faster. The notes match float32's up to rare near-ties.
+                emulates it and float32 is faster. The notes match float32's up to near-ties, which flip; how
+                often depends on the model (`benchmarks/bf16_agreement.py`).
             refine_notes: place the decoded notes on the model's frame head (`refine_notes_with_frames`: onsets on
                 its onset peaks, dropping the notes it does not support; offsets where it stops hearing the pitch).
                 None (default): exactly when the model has a frame head (`model.has_frame_head`).

@@ -293,7 +293,8 @@ def frame_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-frame-model"), frame_loss_weight=1.0)
 
 
-def test_transcribe_places_the_decoded_notes_on_the_frame_head(frame_model_dir, audio_files):
+@pytest.mark.parametrize("options", [{"do_sample": False}, {"do_sample": False, "num_beams": 2}], ids=["greedy", "beam"])
+def test_transcribe_places_the_decoded_notes_on_the_frame_head(frame_model_dir, audio_files, options):
     model = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir).eval()
     processor = Sound2SheetProcessor.from_pretrained(frame_model_dir)
     assert model.has_frame_head and resolve_refine_notes(None, model)
@@ -302,7 +303,7 @@ def test_transcribe_places_the_decoded_notes_on_the_frame_head(frame_model_dir, 
     inputs = processor.feature_extractor(windows, sampling_rate=16000, return_tensors="pt")["input_values"]
     with torch.inference_mode():
         grammar = LogitsProcessorList([NoteEventGrammarLogitsProcessor.from_tokenizer(processor.tokenizer)])
-        tokens = [row[1:] for row in model.generate(input_values=inputs, do_sample=False, logits_processor=grammar).tolist()]
+        tokens = [row[1:] for row in model.generate(input_values=inputs, logits_processor=grammar, **options).tolist()]
         hidden = model.get_encoder()(inputs).last_hidden_state
         probabilities = model.frame_probabilities(hidden)
     assert probabilities.shape == (3, 61, 256) and probabilities.dtype == torch.float32
@@ -312,11 +313,11 @@ def test_transcribe_places_the_decoded_notes_on_the_frame_head(frame_model_dir, 
     expected = clip_notes(refine_notes_with_frames(decoded, probabilities.numpy(), starts, model.config.frame_grid), 6.0)
     unrefined = clip_notes(decoded, 6.0)
     assert expected and expected != unrefined  # the test would not tell the two apart otherwise
-    assert processor.transcribe(audio_files["flac"], model, batch_size=2) == expected
-    assert processor.transcribe(audio_files["flac"], model, refine_notes=False) == unrefined
+    assert processor.transcribe(audio_files["flac"], model, batch_size=2, **options) == expected
+    assert processor.transcribe(audio_files["flac"], model, refine_notes=False, **options) == unrefined
     transcriber = pipeline("automatic-speech-recognition", model=str(frame_model_dir))
-    assert transcriber(str(audio_files["flac"]))["notes"] == expected
-    assert transcriber(str(audio_files["flac"]), batch_size=2, refine_notes=False)["notes"] == unrefined
+    assert transcriber(str(audio_files["flac"]), **options)["notes"] == expected
+    assert transcriber(str(audio_files["flac"]), batch_size=2, refine_notes=False, **options)["notes"] == unrefined
 
 
 def test_refine_notes_needs_a_frame_head(tiny_model_dir, audio_files, run_transcription, tmp_path, capsys):
