@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import os
@@ -170,16 +171,17 @@ def end_notes_on_sustain(
     times = np.concatenate([float(start) + first + step * np.arange(columns) for start in window_starts])
     heard = np.concatenate([np.asarray(window, dtype=bool) for window in sounding])
     restarts: Dict[int, list] = {}
-    for note in notes:
+    for note in notes:  # in onset order, so each pitch's onsets come out sorted
         restarts.setdefault(note.pitch, []).append(note.onset)
     ended = []
     for note in notes:
         begin = int(np.searchsorted(times, note.onset + step, side="left"))
         silent = np.flatnonzero(~heard[begin:, note.pitch])
         offset = float(times[begin + silent[0]] - step / 2) if len(silent) else float(times[-1] + step / 2)
-        later = [onset for onset in restarts[note.pitch] if onset > note.onset]
-        if later:
-            offset = min(offset, later[0])
+        onsets = restarts[note.pitch]
+        later = bisect.bisect_right(onsets, note.onset)  # the pitch's next onset, if any
+        if later < len(onsets):
+            offset = min(offset, onsets[later])
         ended.append(Note(note.onset, round(max(offset, note.onset + MIN_NOTE_SECONDS), 6), note.pitch, note.velocity))
     return ended
 
