@@ -49,7 +49,10 @@ class TranscribeArguments:
     top_k: Optional[int] = field(default=None, metadata={"help": "Top-k sampling (--strategy sample)."})
     top_p: Optional[float] = field(default=None, metadata={"help": "Nucleus sampling mass (--strategy sample)."})
     format: str = field(default="midi,json", metadata={"help": f"Comma-separated outputs among {', '.join(OUTPUT_FORMATS)}."})
-    batch_size: int = field(default=8, metadata={"help": "Windows decoded together (memory grows with it)."})
+    batch_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Windows decoded together; memory grows with it (default: 48 for greedy/sample, 4 for beam)."},
+    )
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})
     bf16: Optional[bool] = field(
@@ -201,7 +204,7 @@ def run_transcribe(argv: List[str]) -> int:
         generate_kwargs = strategy_generate_kwargs(args.strategy, args.num_beams, args.temperature, args.top_k, args.top_p)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
 
     import torch
@@ -587,7 +590,9 @@ class EvaluateArguments:
     temperature: Optional[float] = field(default=None, metadata={"help": "Sampling temperature."})
     top_k: Optional[int] = field(default=None, metadata={"help": "Top-k sampling."})
     top_p: Optional[float] = field(default=None, metadata={"help": "Nucleus sampling mass."})
-    batch_size: int = field(default=8, metadata={"help": "Windows decoded together."})
+    batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Windows decoded together (default: 48 for greedy/sample, 4 for beam; 8 for token accuracy)."}
+    )
     bf16: Optional[bool] = field(
         default=None, metadata={"help": "bfloat16 autocast on CPU: true/false (default: on exactly when the CPU has AMX or AVX512-BF16)."}
     )
@@ -667,7 +672,7 @@ def run_evaluate(argv: List[str]) -> int:
         windows = WindowDataset([(e["audio_path"], float(e["duration"]), notes_of_example(e)) for e in examples],
                                 processor.feature_extractor, processor.tokenizer, train=False,
                                 max_target_length=model.config.max_target_positions)
-        report.update(teacher_forced_scores(model, windows, args.batch_size))
+        report.update(teacher_forced_scores(model, windows, args.batch_size or 8))
     report["per_piece"] = per_piece
     for name in ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1"):
         print(f"{args.split} {name}: {report['metrics'][name]:.4f}")

@@ -41,11 +41,11 @@ def sound2sheet_systems(model_path: str, batch_size: int, unrefined: bool) -> Di
         raise SystemExit(f"--model {model_path}: no such model folder (train one: see README.md, 'The model')")
     model = Sound2SheetForConditionalGeneration.from_pretrained(model_path).eval()
     processor = Sound2SheetProcessor.from_pretrained(model_path)
-    systems = {"sound2sheet": lambda path: processor.transcribe(path, model, batch_size=batch_size)}
+    systems = {"sound2sheet": lambda path: processor.transcribe(path, model, batch_size=batch_size or None)}
     if unrefined:
         if not model.has_frame_head:
             raise SystemExit(f"--unrefined: {model_path} has no frame head, so its notes are the decoder's already")
-        systems["sound2sheet, decoder times"] = lambda path: processor.transcribe(path, model, batch_size=batch_size, refine_notes=False)
+        systems["sound2sheet, decoder times"] = lambda path: processor.transcribe(path, model, batch_size=batch_size or None, refine_notes=False)
     return systems
 
 
@@ -82,7 +82,7 @@ def main():
     parser.add_argument("--manifest-dir", default=str(REPO / "data" / "piano-synth"))
     parser.add_argument("--split", default="test")
     parser.add_argument("--max-pieces", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=0, help="windows decoded together (0: the library's default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-basic-pitch", action="store_true", help="skip basic-pitch even when installed")
     parser.add_argument("--unrefined", action="store_true",

@@ -87,7 +87,7 @@ def child(spec: dict) -> dict:
 
             def transcribe(path):
                 torch.manual_seed(0)  # the same samples every run
-                return processor.transcribe(path, model, batch_size=spec["batch_size"], bf16=spec["bf16"], **kwargs)
+                return processor.transcribe(path, model, batch_size=spec["batch_size"] or None, bf16=spec["bf16"], **kwargs)
 
             return transcribe
 
@@ -118,7 +118,7 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--strategies", nargs="+", default=["greedy", "beam", "sample"], choices=["greedy", "beam", "sample"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=0, help="windows decoded together (0: the library's default)")
     parser.add_argument("--long-seconds", type=float, default=300.0, help="length of the long piece (0: skip it)")
     parser.add_argument("--manifest-dir", default=str(REPO / "data" / "piano-synth"))
     parser.add_argument("--split", default="test")
@@ -146,7 +146,7 @@ def main():
             path, origin = long_piece(args.long_seconds, args.manifest_dir, args.split, Path(folder))
             files.append((path, f"{args.long_seconds:g} s piece: {origin}"))
         bf16 = cpu_has_fast_bf16() if args.bf16 == "auto" else args.bf16 == "on"
-        print(f"model {args.model}; batch size {args.batch_size}; bf16 autocast {'on' if bf16 else 'off'} (--bf16 {args.bf16}); "
+        print(f"model {args.model}; batch size {args.batch_size or 'default (48 greedy/sample, 4 beam)'}; bf16 autocast {'on' if bf16 else 'off'} (--bf16 {args.bf16}); "
               f"medians of {args.repeats} runs after a warm-up")
         for path, label in files:
             seconds = soundfile.info(str(path)).duration

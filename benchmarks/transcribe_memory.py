@@ -1,6 +1,6 @@
 """Peak memory of `Sound2SheetProcessor.transcribe` on short and long audio: it should not grow with the length.
 
-    python benchmarks/transcribe_memory.py [--model models/...] [--seconds 30 600] [--batch-size 8]
+    python benchmarks/transcribe_memory.py [--model models/...] [--seconds 30 600] [--batch-size N]
 
 Each length runs in a fresh process (peak RSS is per process): the script writes a 44.1 kHz stereo FLAC of that
 length, loads the model, notes the resident set size, transcribes, and prints the peak resident set size.
@@ -26,7 +26,7 @@ CHILD = """
 import json, resource, sys
 import torch
 from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor
-model_dir, audio, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model_dir, audio, batch_size = sys.argv[1], sys.argv[2], (int(sys.argv[3]) or None)
 torch.set_num_threads(2)
 model = Sound2SheetForConditionalGeneration.from_pretrained(model_dir).eval()
 processor = Sound2SheetProcessor.from_pretrained(model_dir)
@@ -39,7 +39,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "models" / "sound2sheet-piano-small"))
     parser.add_argument("--seconds", type=float, nargs="+", default=[30.0, 600.0])
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=0, help="windows decoded together (0: the library's default)")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +56,7 @@ def main():
     if len(results) >= 2:
         lengths = sorted(results)
         growth = results[lengths[-1]] / results[lengths[0]] - 1
-        print(f"peak memory {lengths[-1]:.0f} s vs {lengths[0]:.0f} s: {growth * 100:+.1f} % (model {args.model}, batch {args.batch_size})")
+        print(f"peak memory {lengths[-1]:.0f} s vs {lengths[0]:.0f} s: {growth * 100:+.1f} % (model {args.model}, batch {args.batch_size or 'default'})")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutput
+
+#: `generate()` options under which `generate_in_rounds` equals a single `generate()` call (the others, such as
+#: `min_new_tokens` or `stopping_criteria`, count from the start of each call, or keep state across steps).
+ROUND_SAFE_OPTIONS = frozenset(
+    {"do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "num_beams", "max_new_tokens", "logits_processor"}
+)
 
 
 class NoteEventGrammarLogitsProcessor(LogitsProcessor):
@@ -177,4 +184,66 @@ def with_note_grammar(generate_kwargs: dict[str, Any], tokenizer) -> dict[str, A
     return kwargs
 
 
-__all__ = ["NoteEventGrammarLogitsProcessor", "with_note_grammar"]
+def decodes_in_rounds(generate_kwargs: dict[str, Any], generation_config) -> bool:
+    """Whether `generate_in_rounds` can run this decoding: one sequence per row (no beams) and only
+    `ROUND_SAFE_OPTIONS`."""
+    beams = generate_kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1
+    return beams == 1 and set(generate_kwargs) <= ROUND_SAFE_OPTIONS
+
+
+def generate_in_rounds(
+    model, encoder_outputs: BaseModelOutput, round_tokens: int = 16, **generate_kwargs
+) -> torch.LongTensor:
+    """`model.generate(encoder_outputs=..., **generate_kwargs)` for greedy search or sampling, with finished rows set
+    aside: `generate()` runs `round_tokens` steps at a time, and each round continues from the last one's cache with
+    only the rows that have not reached EOS. A batch of windows then costs what its rows need, not what its longest row
+    needs times the batch size: note windows differ a lot in length, and the decoder's step cost grows with its rows.
+
+    Greedy search gives the same ids as one `generate()` call; sampling draws from the same distributions. Options
+    must be among `ROUND_SAFE_OPTIONS` (`decodes_in_rounds`). Returns (batch, length) ids like `generate()`: decoder
+    start first, rows that end early padded with `pad_token_id` after their EOS.
+    """
+    if round_tokens < 1:
+        raise ValueError(f"round_tokens must be >= 1, got {round_tokens}.")
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos))
+    kwargs = dict(generate_kwargs)
+    max_new_tokens = kwargs.pop("max_new_tokens", None) or config.max_new_tokens
+    limit = 1 + max_new_tokens if max_new_tokens is not None else config.max_length  # decoder start included
+    hidden = encoder_outputs.last_hidden_state
+    rows: list = [None] * hidden.shape[0]
+    running = torch.arange(hidden.shape[0])
+    ids = cache = None
+    while len(running):
+        length = 1 if ids is None else ids.shape[1]
+        output = model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden[running.to(hidden.device)]),
+            decoder_input_ids=ids,
+            past_key_values=cache,
+            max_new_tokens=None,  # the round's end is `max_length`; with both set, generate() warns every round
+            max_length=min(length + round_tokens, limit),
+            return_dict_in_generate=True,
+            use_cache=True,
+            **kwargs,
+        )
+        ids, cache = output.sequences, output.past_key_values
+        ended = torch.isin(ids[:, length:].cpu(), eos_ids).any(dim=1) | (ids.shape[1] >= limit)
+        for row in ended.nonzero()[:, 0].tolist():
+            rows[running[row]] = ids[row]
+        if ended.all():
+            break
+        if ended.any():
+            keep = (~ended).nonzero()[:, 0]
+            cache.batch_select_indices(keep.to(ids.device))
+            ids, running = ids[keep.to(ids.device)], running[keep]
+    width = max(len(row) for row in rows)
+    padded = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long, device=hidden.device)
+    for index, row in enumerate(rows):
+        eos_at = torch.isin(row.cpu(), eos_ids).nonzero()
+        end = int(eos_at[0, 0]) + 1 if len(eos_at) else len(row)
+        padded[index, :end] = row[:end]
+    return padded
+
+
+__all__ = ["NoteEventGrammarLogitsProcessor", "decodes_in_rounds", "generate_in_rounds", "with_note_grammar"]

@@ -527,10 +527,25 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
         )
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: Optional[int] = None,
+        past_key_values: Optional[Cache] = None,
+        **kwargs,
+    ):
         """GenerationMixin's inputs, plus the current time at each new token when the model has a time bias (computed
-        from the whole sequence so far, so it follows beam reordering)."""
-        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        from the whole sequence so far, so it follows beam reordering).
+
+        When `generate()` continues from a cache it returned (`past_key_values` holding all but the last tokens of
+        `decoder_input_ids`), only the tokens the cache has not seen are fed, so the continuation equals one call."""
+        if next_sequence_length is None and past_key_values is not None:
+            cached = past_key_values.get_seq_length()
+            if 0 < cached < input_ids.shape[1]:
+                next_sequence_length = input_ids.shape[1] - cached
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values, **kwargs
+        )
         new_tokens = inputs.get("decoder_input_ids")
         if self.config.cross_attention_time_bias and new_tokens is not None:
             inputs["decoder_time_steps"] = current_time_steps(input_ids, self.config)[:, -new_tokens.shape[1] :]

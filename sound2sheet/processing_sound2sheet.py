@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import math
 import os
 from contextlib import nullcontext
@@ -12,9 +13,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
+from transformers.modeling_outputs import BaseModelOutput
 
 from .feature_extraction_sound2sheet import audio_duration, iter_audio_windows, load_audio
-from .generation_sound2sheet import with_note_grammar
+from .generation_sound2sheet import decodes_in_rounds, generate_in_rounds, with_note_grammar
 from .notes import Note, pitch_list, sort_notes, write_midi
 
 AudioInput = Union[str, os.PathLike, np.ndarray]
@@ -27,6 +29,16 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that
 ONSET_THRESHOLD = 0.06
 ONSET_REACH = 0.25
 SUSTAIN_THRESHOLD = 0.4
+# Transcription batching, measured on 2 CPU cores (benchmarks/speed.py, benchmarks/transcribe_memory.py). Windows per
+# decoding batch: greedy search and sampling decode in rounds that set finished windows aside, so a large batch shares
+# each step's overhead among many rows (a 5-minute piece on 2 threads: batch 8 14.7x realtime, 48 35x, 128 44x), but a
+# batch holds about 1 MB per window (cross-attention keys and values): from 30 s to 10 min of audio, peak memory grew
+# 4-12 % with 48 (three runs), 5 % with 32, 26 % with 128. Beam search runs each batch until its longest window ends: small batches.
+# Windows per feature/encoder pass (large activations), and decoding steps per round.
+BATCH_SIZE = 48
+BEAM_BATCH_SIZE = 4
+ENCODER_BATCH_SIZE = 8
+ROUND_TOKENS = 16
 MIN_NOTE_SECONDS = 0.01  # a placed note lasts at least one time step
 FRAME_PITCHES = 128  # the frame head's pitches: onset probabilities of MIDI 0-127, then sounding probabilities
 
@@ -239,16 +251,43 @@ def refine_notes_with_frames(
     return evidence.place(notes)
 
 
+def encode_windows(model, input_values: torch.Tensor, encoder_batch_size: int = ENCODER_BATCH_SIZE) -> BaseModelOutput:
+    """The model's encoder output for a batch of windows, computed `encoder_batch_size` windows at a time: its
+    activations are large (hundreds of tokens per window), and in small batches they stay in the CPU's caches."""
+    encoder = model.get_encoder()
+    hidden = [encoder(chunk).last_hidden_state for chunk in input_values.split(encoder_batch_size)]
+    return BaseModelOutput(last_hidden_state=torch.cat(hidden))
+
+
+def default_batch_size(generate_kwargs: Dict[str, Any], model) -> int:
+    """Windows decoded together when the caller gives no `batch_size`: `BATCH_SIZE` where decoding runs in rounds
+    (greedy search, sampling), else `BEAM_BATCH_SIZE`."""
+    config = getattr(model, "generation_config", None)
+    return BATCH_SIZE if decodes_in_rounds(generate_kwargs, config) else BEAM_BATCH_SIZE
+
+
+def generate_from_encoder_outputs(model, encoder_outputs: BaseModelOutput, **generate_kwargs) -> torch.LongTensor:
+    """`model.generate()` on a batch of encoded windows. Greedy search and sampling decode in rounds that set finished
+    windows aside (`generate_in_rounds`: the same ids as one `generate()` call); beam search and options outside
+    `ROUND_SAFE_OPTIONS` make one `generate()` call."""
+    if decodes_in_rounds(generate_kwargs, model.generation_config):
+        return generate_in_rounds(model, encoder_outputs, ROUND_TOKENS, **generate_kwargs)
+    return model.generate(encoder_outputs=encoder_outputs, num_return_sequences=1, **generate_kwargs)
+
+
 def generate_with_frames(
     model, input_values: torch.Tensor, frames: bool, **generate_kwargs
 ) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
-    """`model.generate()` on a batch of windows, and with `frames` also the frame head's (batch, columns, 256)
-    probabilities (`model.frame_probabilities`): the encoder then runs once, for both."""
-    if not frames:
+    """`model.generate()` on a batch of windows (`generate_from_encoder_outputs`), and with `frames` also the frame
+    head's (batch, columns, 256) probabilities (`model.frame_probabilities`): the encoder runs once
+    (`encode_windows`), for both. A model without `get_encoder` gets `generate(input_values=...)`."""
+    if not hasattr(model, "get_encoder"):
+        if frames:
+            raise ValueError("Frame probabilities need a model with an encoder (get_encoder) and a frame head.")
         return model.generate(input_values=input_values, num_return_sequences=1, **generate_kwargs), None
-    encoder_outputs = model.get_encoder()(input_values)
-    probabilities = model.frame_probabilities(encoder_outputs.last_hidden_state)
-    return model.generate(encoder_outputs=encoder_outputs, num_return_sequences=1, **generate_kwargs), probabilities
+    encoder_outputs = encode_windows(model, input_values)
+    probabilities = model.frame_probabilities(encoder_outputs.last_hidden_state) if frames else None
+    return generate_from_encoder_outputs(model, encoder_outputs, **generate_kwargs), probabilities
 
 
 def resolve_refine_notes(refine_notes: Optional[bool], model) -> bool:
@@ -372,7 +411,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         self,
         windows: Iterable[np.ndarray],
         model,
-        batch_size: int = 8,
+        batch_size: Optional[int] = None,
         bf16: Optional[bool] = None,
         return_frames: bool = False,
         **generate_kwargs,
@@ -381,25 +420,48 @@ class Sound2SheetProcessor(ProcessorMixin):
         `grammar`: see `transcribe`). With `return_frames`, (token ids, the frame head's (columns, 256)
         probabilities, `model.frame_probabilities`) for each window."""
         generate_kwargs = with_note_grammar(generate_kwargs, self.tokenizer)
+        batch_size = batch_size or default_batch_size(generate_kwargs, model)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16(bf16, model) else nullcontext()
-        for batch in _batched(windows, batch_size):
-            features = self.feature_extractor(batch, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt")
+        rate = self.feature_extractor.sampling_rate
+        encodes = hasattr(model, "get_encoder")
+        windows = iter(windows)
+        while True:
+            # The batch is read, featurised and encoded ENCODER_BATCH_SIZE windows at a time, so of its audio, spectra
+            # and encoder activations only one chunk's are held; the encoder outputs of the whole batch are small.
+            # What the batch keeps (encoder outputs, frame probabilities) goes into buffers made once per batch: kept
+            # chunk by chunk between the encoder's large temporaries, it would fragment the heap and raise the peak.
+            count, encoded, frames = 0, None, None
             with torch.inference_mode(), autocast:
-                sequences, frames = generate_with_frames(
-                    model, features["input_values"].to(model.device), return_frames, **generate_kwargs
-                )
+                for chunk in _batched(itertools.islice(windows, batch_size), ENCODER_BATCH_SIZE):
+                    input_values = self.feature_extractor(chunk, sampling_rate=rate, return_tensors="pt")["input_values"]
+                    output = input_values.to(model.device)
+                    if encodes:
+                        output = encode_windows(model, output).last_hidden_state
+                    if encoded is None:
+                        encoded = output.new_empty((batch_size, *output.shape[1:]))
+                    encoded[count : count + len(chunk)] = output
+                    if return_frames:
+                        probabilities = model.frame_probabilities(output).cpu().numpy()
+                        if frames is None:
+                            frames = np.empty((batch_size, *probabilities.shape[1:]), dtype=probabilities.dtype)
+                        frames[count : count + len(chunk)] = probabilities
+                    count += len(chunk)
+                if not count:
+                    return
+                if encodes:
+                    encoder_outputs = BaseModelOutput(last_hidden_state=encoded[:count])
+                    sequences = generate_from_encoder_outputs(model, encoder_outputs, **generate_kwargs)
+                else:
+                    sequences, _ = generate_with_frames(model, encoded[:count], False, **generate_kwargs)
             rows = [row[1:] for row in sequences.tolist()]  # drop the decoder start token
-            if return_frames:
-                yield from zip(rows, frames.float().cpu().numpy())
-            else:
-                yield from rows
+            yield from zip(rows, frames[:count]) if return_frames else rows
 
     def transcribe(
         self,
         audio: AudioInput,
         model,
         sampling_rate: Optional[int] = None,
-        batch_size: int = 8,
+        batch_size: Optional[int] = None,
         midi_path: Optional[str | os.PathLike] = None,
         progress: bool = False,
         bf16: Optional[bool] = None,
@@ -411,7 +473,8 @@ class Sound2SheetProcessor(ProcessorMixin):
         Args:
             audio: a file path (WAV/FLAC/OGG, any rate and channel count) or an array (at `sampling_rate`).
             model: a [`Sound2SheetForConditionalGeneration`].
-            batch_size: windows decoded together; memory grows with it, not with the audio length.
+            batch_size: windows decoded together; memory grows with it, not with the audio length. None (default):
+                `default_batch_size` (48 windows for greedy search and sampling, 4 for beam search).
             midi_path: also write the notes to this MIDI file.
             progress: show a progress bar over the windows.
             bf16: run the model under bfloat16 autocast on CPU. None (default): exactly when the CPU computes
@@ -435,15 +498,15 @@ class Sound2SheetProcessor(ProcessorMixin):
             audio = load_audio(np.asarray(audio), sampling_rate=target, orig_sampling_rate=sampling_rate or target)
             sampling_rate = target
         windows = self.iter_windows(audio, sampling_rate)
-        if progress:
-            from tqdm.auto import tqdm
-
-            name = os.path.basename(os.fspath(audio)) if isinstance(audio, (str, os.PathLike)) else "audio"
-            windows = tqdm(windows, total=self.count_windows(audio, sampling_rate), desc=name, unit="window", leave=False)
         refine = resolve_refine_notes(refine_notes, model)
         evidence = FrameEvidence(model.config.frame_grid) if refine else None
         token_windows = []
         outputs = self.generate_windows(windows, model, batch_size=batch_size, bf16=bf16, return_frames=refine, **generate_kwargs)
+        if progress:  # counts decoded windows (a batch at a time), not windows read
+            from tqdm.auto import tqdm
+
+            name = os.path.basename(os.fspath(audio)) if isinstance(audio, (str, os.PathLike)) else "audio"
+            outputs = tqdm(outputs, total=self.count_windows(audio, sampling_rate), desc=name, unit="window", leave=False)
         for output in outputs:
             if refine:  # keep only the compact evidence of each window's frame table
                 output, frames = output

@@ -8,10 +8,18 @@ import random
 import pytest
 import torch
 from transformers import LogitsProcessorList, MinLengthLogitsProcessor, pipeline
+from transformers.modeling_outputs import BaseModelOutput
 
 from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor, Sound2SheetTokenizer
-from sound2sheet.generation_sound2sheet import NoteEventGrammarLogitsProcessor, with_note_grammar
+from sound2sheet.generation_sound2sheet import (
+    NoteEventGrammarLogitsProcessor,
+    decodes_in_rounds,
+    generate_in_rounds,
+    with_note_grammar,
+)
 from sound2sheet.notes import Note
+
+from .model_tester import Sound2SheetModelTester
 
 TOKENIZER = Sound2SheetTokenizer()
 GRAMMAR = NoteEventGrammarLogitsProcessor.from_tokenizer(TOKENIZER)
@@ -160,3 +168,76 @@ def test_transcription_decodes_within_the_grammar_and_unconstrained_decoding_doe
     text = transcriber(str(audio_files["flac"]))["text"]
     for window in text.split(" | "):
         assert first_violation([START] + TOKENIZER.convert_tokens_to_ids(window.split())) is None, window
+
+
+@pytest.fixture(scope="module")
+def rows_of_several_lengths():
+    """A tiny model, six encoded inputs, and the grammar: greedy rows end at 28, 31 and 39 tokens (two each)."""
+    tester = Sound2SheetModelTester(batch_size=6)
+    model = tester.get_model(max_target_positions=64)
+    with torch.inference_mode():
+        encoder_outputs = model.get_encoder()(tester.get_inputs())
+    return model, encoder_outputs, LogitsProcessorList([GRAMMAR])
+
+
+@pytest.mark.parametrize("round_tokens", [1, 3, 64])
+def test_decoding_in_rounds_gives_the_ids_of_one_generate_call(rows_of_several_lengths, round_tokens, monkeypatch):
+    model, encoder_outputs, grammar = rows_of_several_lengths
+    with torch.inference_mode():
+        one_call = model.generate(encoder_outputs=encoder_outputs, logits_processor=grammar, max_new_tokens=40)
+        lengths = (one_call != TOKENIZER.pad_token_id).sum(dim=1).tolist()
+        assert lengths == [29, 29, 32, 32, 40, 40]  # rows end at different steps (decoder start, ..., EOS)
+        assert (one_call == TOKENIZER.eos_token_id).sum(dim=1).tolist() == [1, 1, 1, 1, 1, 1]
+        batches = []
+        generate = model.generate
+
+        def spy(*args, **kwargs):
+            batches.append(kwargs["encoder_outputs"].last_hidden_state.shape[0])
+            return generate(*args, **kwargs)
+
+        monkeypatch.setattr(model, "generate", spy)
+        in_rounds = generate_in_rounds(model, encoder_outputs, round_tokens, logits_processor=grammar, max_new_tokens=40)
+    assert torch.equal(in_rounds, one_call)
+    # Finished rows are set aside: later rounds decode only the rows still running.
+    expected = {1: [6] * 28 + [4] * 3 + [2] * 8, 3: [6] * 10 + [4] + [2] * 2, 64: [6]}[round_tokens]
+    assert batches == expected
+
+
+def test_decoding_in_rounds_keeps_to_max_new_tokens(rows_of_several_lengths):
+    model, encoder_outputs, grammar = rows_of_several_lengths
+    with torch.inference_mode():
+        one_call = model.generate(encoder_outputs=encoder_outputs, logits_processor=grammar, max_new_tokens=7)
+        in_rounds = generate_in_rounds(model, encoder_outputs, 3, logits_processor=grammar, max_new_tokens=7)
+        by_config = generate_in_rounds(model, BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state[:2]), 5)
+    assert one_call.shape == (6, 8) and torch.equal(in_rounds, one_call)
+    assert by_config.shape[1] <= 1 + model.generation_config.max_new_tokens
+    with pytest.raises(ValueError, match="round_tokens must be >= 1, got 0"):
+        generate_in_rounds(model, encoder_outputs, 0)
+
+
+def test_only_greedy_search_and_sampling_decode_in_rounds(rows_of_several_lengths):
+    config = rows_of_several_lengths[0].generation_config
+    assert decodes_in_rounds({}, config) and decodes_in_rounds({"do_sample": True, "top_k": 5, "max_new_tokens": 9}, config)
+    assert not decodes_in_rounds({"num_beams": 4}, config)
+    assert not decodes_in_rounds({"min_new_tokens": 3}, config)  # counted from the start of every call
+    assert not decodes_in_rounds({"stopping_criteria": []}, config)
+
+
+def test_generate_continues_from_the_cache_it_returned(rows_of_several_lengths):
+    """`prepare_inputs_for_generation` feeds only the tokens the cache has not seen."""
+    model, encoder_outputs, grammar = rows_of_several_lengths
+    with torch.inference_mode():
+        one_call = model.generate(encoder_outputs=encoder_outputs, logits_processor=grammar, max_new_tokens=12)
+        first = model.generate(
+            encoder_outputs=encoder_outputs, logits_processor=grammar, max_new_tokens=5, return_dict_in_generate=True
+        )
+        assert first.past_key_values.get_seq_length() == 5  # the last token is not fed yet
+        second = model.generate(
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=first.sequences,
+            past_key_values=first.past_key_values,
+            logits_processor=grammar,
+            max_new_tokens=None,
+            max_length=13,
+        )
+    assert torch.equal(second, one_call)

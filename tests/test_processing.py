@@ -20,6 +20,9 @@ from sound2sheet import (
 from sound2sheet.feature_extraction_sound2sheet import load_audio
 from sound2sheet.generation_sound2sheet import NoteEventGrammarLogitsProcessor
 from sound2sheet.processing_sound2sheet import (
+    BATCH_SIZE,
+    BEAM_BATCH_SIZE,
+    default_batch_size,
     clip_notes,
     cpu_has_fast_bf16,
     end_notes_on_sustain,
@@ -109,6 +112,20 @@ def test_transcribe_with_a_real_model_is_batch_size_invariant(tiny_model_dir, au
     assert one == three
     array = load_audio(audio_files["flac"])
     assert processor.transcribe(array, model, sampling_rate=16000) == one
+
+
+def test_the_default_batch_follows_the_decoding_strategy(tiny_model_dir, monkeypatch):
+    """Greedy search and sampling decode in rounds and take large batches; beam search takes small ones."""
+    model = Sound2SheetForConditionalGeneration.from_pretrained(tiny_model_dir)
+    assert default_batch_size({}, model) == BATCH_SIZE == 48
+    assert default_batch_size({"do_sample": True, "top_k": 5}, model) == BATCH_SIZE
+    assert default_batch_size({"num_beams": 4}, model) == BEAM_BATCH_SIZE == 4
+    assert default_batch_size({"min_new_tokens": 2}, model) == BEAM_BATCH_SIZE  # one generate() call per batch
+    # transcribe() batches windows by it when no batch_size is given
+    monkeypatch.setattr("sound2sheet.processing_sound2sheet.BATCH_SIZE", 2)
+    model = ScriptedModel(PROCESSOR.tokenizer, [Note(0.5, 6.0, 50, 64)])
+    PROCESSOR.transcribe(piano_like(7.5, 16000), model, sampling_rate=16000)
+    assert [shape[0] for shape, _ in model.calls] == [2, 1]
 
 
 @pytest.mark.parametrize(
