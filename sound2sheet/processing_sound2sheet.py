@@ -31,9 +31,10 @@ ONSET_REACH = 0.25
 SUSTAIN_THRESHOLD = 0.4
 # Transcription batching, measured on 2 CPU cores (benchmarks/speed.py, benchmarks/transcribe_memory.py). Windows per
 # decoding batch: greedy search and sampling decode in rounds that set finished windows aside, so a large batch shares
-# each step's overhead among many rows (a 5-minute piece on 2 threads: batch 8 14.7x realtime, 48 35x, 128 44x), but a
-# batch holds about 1 MB per window (cross-attention keys and values): from 30 s to 10 min of audio, peak memory grew
-# 4-12 % with 48 (three runs), 5 % with 32, 26 % with 128. Beam search runs each batch until its longest window ends: small batches.
+# each step's overhead among many rows (greedy, a 5-minute piece, 2 threads: 14.7x realtime with batches of 8 in one
+# generate() call each, 26.8x with 48 in rounds; 128 was about 1.3x faster than 48 in hand runs). But a batch holds
+# about 1 MB per window (cross-attention keys and values): from 30 s to 10 min of audio the peak grew 4-12 % with 48
+# (three runs), 5 % with 32, 26 % with 128. Beam search runs each batch until its longest window ends: small batches.
 # Windows per feature/encoder pass (large activations), and decoding steps per round.
 BATCH_SIZE = 48
 BEAM_BATCH_SIZE = 4
