@@ -420,6 +420,8 @@ class Sound2SheetProcessor(ProcessorMixin):
         """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time (`bf16` and
         `grammar`: see `transcribe`). With `return_frames`, (token ids, the frame head's (columns, 256)
         probabilities, `model.frame_probabilities`) for each window."""
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         generate_kwargs = with_note_grammar(generate_kwargs, self.tokenizer)
         batch_size = batch_size or default_batch_size(generate_kwargs, model)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16(bf16, model) else nullcontext()

@@ -126,6 +126,8 @@ def test_the_default_batch_follows_the_decoding_strategy(tiny_model_dir, monkeyp
     model = ScriptedModel(PROCESSOR.tokenizer, [Note(0.5, 6.0, 50, 64)])
     PROCESSOR.transcribe(piano_like(7.5, 16000), model, sampling_rate=16000)
     assert [shape[0] for shape, _ in model.calls] == [2, 1]
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        PROCESSOR.transcribe(piano_like(1.0, 16000), model, sampling_rate=16000, batch_size=0)
 
 
 @pytest.mark.parametrize(
