@@ -63,6 +63,11 @@ class TranscribeArguments:
         default=None,
         metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head: true/false (default: when it has one)."},
     )
+    encode_ahead: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Encode the next batch of windows in a background thread while one decodes, the threads shared "
+                          "out between them: true/false (default: on a CPU with 2 or more threads)."},
+    )
     tempo: Optional[float] = field(default=None, metadata={"help": "Score tempo in BPM (musicxml/pdf/png; default: estimated)."})
     time_signature: Optional[str] = field(default=None, metadata={"help": "Score time signature, 3/4 or 4/4 (default: estimated)."})
 
@@ -224,7 +229,7 @@ def run_transcribe(argv: List[str]) -> int:
         try:
             notes = processor.transcribe(
                 audio_path, model, batch_size=args.batch_size, bf16=args.bf16, progress=True,
-                refine_notes=args.refine_notes, **generate_kwargs
+                refine_notes=args.refine_notes, encode_ahead=args.encode_ahead, **generate_kwargs
             )
             written = write_outputs(notes, audio_path, stem, output_dir, formats, args.model, score_options)
         except (ValueError, OSError, RuntimeError) as err:

@@ -551,6 +551,13 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
             inputs["decoder_time_steps"] = current_time_steps(input_ids, self.config)[:, -new_tokens.shape[1] :]
         return inputs
 
+    def _reorder_cache(self, past_key_values: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
+        """Beam search's per-step reordering (`generate()` calls it when the model defines it): of the self-attention
+        cache only. Every beam of a window attends to the same encoder output (repeated per beam), and `beam_idx`
+        only moves beams within their window, so reordering the cross-attention cache would copy it unchanged."""
+        past_key_values.self_attention_cache.reorder_cache(beam_idx)
+        return past_key_values
+
     def frame_logits(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, columns, 256) logits of the auxiliary head from the encoder output: for each encoder time column,
         whether each MIDI pitch starts there (first 128) and sounds at its centre (last 128). With patch memory the

@@ -7,8 +7,9 @@ import functools
 import itertools
 import math
 import os
-from contextlib import nullcontext
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from .generation_sound2sheet import decodes_in_rounds, generate_in_rounds, with_
 from .notes import Note, pitch_list, sort_notes, write_midi
 
 AudioInput = Union[str, os.PathLike, np.ndarray]
+T = TypeVar("T")
 
 GENERATION_STRATEGIES = ("greedy", "beam", "sample")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute in bfloat16 natively
@@ -32,13 +34,17 @@ SUSTAIN_THRESHOLD = 0.4
 # Transcription batching, measured on 2 CPU cores (benchmarks/speed.py, benchmarks/transcribe_memory.py). Windows per
 # decoding batch: greedy search and sampling decode in rounds that set finished windows aside, so a large batch shares
 # each step's overhead among many rows (greedy, a 5-minute piece, 2 threads: 14.7x realtime with batches of 8 in one
-# generate() call each, 26.8x with 48 in rounds; 128 was about 1.3x faster than 48 in hand runs). But a batch holds
-# about 1 MB per window (cross-attention keys and values): from 30 s to 10 min of audio the peak grew 4-12 % with 48
-# (three runs), 5 % with 32, 26 % with 128. Beam search runs each batch until its longest window ends: small batches.
-# Windows per feature/encoder pass (large activations), and decoding steps per round.
+# generate() call each, 26.8x with 48 in rounds, 32.1x with the next batch encoded ahead; 128 was about 1.3x faster
+# than 48 in hand runs). But a batch holds about 1 MB per window (cross-attention keys and values): from 30 s to 10 min
+# of audio the peak grew 4-13 % with 48 (four runs), 5 % with 32, 26 % with 128, and 20-24 % with 48 encoding ahead
+# (three runs), whose encoder work is alive while a batch decodes. Beam search runs each batch until its longest window
+# ends: small batches.
+# Windows per feature/encoder pass: the encoder costs the same per window from 1 to 8 windows (1 or 2 threads), and
+# its activations are large; with encoding ahead they are alive while a batch decodes (10 min of audio, batch 48: peak
+# 591 MB with 8, 563 with 4, 539 with 2). Decoding steps per round.
 BATCH_SIZE = 48
 BEAM_BATCH_SIZE = 4
-ENCODER_BATCH_SIZE = 8
+ENCODER_BATCH_SIZE = 2
 ROUND_TOKENS = 16
 MIN_NOTE_SECONDS = 0.01  # a placed note lasts at least one time step
 FRAME_PITCHES = 128  # the frame head's pitches: onset probabilities of MIDI 0-127, then sounding probabilities
@@ -302,6 +308,60 @@ def resolve_refine_notes(refine_notes: Optional[bool], model) -> bool:
     return has_head if refine_notes is None else bool(refine_notes)
 
 
+def cpu_autocast(bf16: bool):
+    """A new bfloat16 CPU autocast context with `bf16`, else a null context (a context object is entered once: its
+    saved state is its own, and two threads may be inside autocast at once)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def resolve_encode_ahead(encode_ahead: Optional[bool], model) -> bool:
+    """Whether `transcribe` encodes the next batch of windows in a background thread while it decodes the current
+    one: `encode_ahead` if given, else exactly when the model runs on a CPU and torch has 2 or more threads."""
+    if encode_ahead is not None:
+        return bool(encode_ahead)
+    return model.device.type == "cpu" and torch.get_num_threads() >= 2
+
+
+@contextmanager
+def threads_shared_out(shared: bool) -> Iterator[None]:
+    """With `shared`, torch's intra-op threads (`torch.get_num_threads()`) are halved for the duration of the block,
+    so that the encoding thread and the decoding thread together use as many as before; restored on exit."""
+    if not shared:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 2))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def in_background(items: Iterator[T]) -> Iterator[T]:
+    """The items of the iterator `items`, each made in one background thread while the caller works on the one
+    before (torch releases the GIL while it computes). The first is started at once, before the iteration begins.
+    At most two are alive at once: the caller's and the next. An exception raised while making an item is raised
+    here, where the item would have come out."""
+    done = object()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sound2sheet-ahead")
+    future = pool.submit(next, items, done)
+
+    def results() -> Iterator[T]:
+        nonlocal future
+        try:
+            while True:
+                item = future.result()
+                if item is done:
+                    return
+                future = pool.submit(next, items, done)
+                yield item
+                item = None  # not held while the next one is awaited
+        finally:
+            pool.shutdown(wait=True)
+
+    return results()
+
+
 def _batched(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -408,33 +468,29 @@ class Sound2SheetProcessor(ProcessorMixin):
         """How many windows `iter_windows` yields for this (file or mono array) audio."""
         return max(1, math.ceil(round(self.duration(audio, sampling_rate) / self.window_seconds, 6)))
 
-    def generate_windows(
+    def encoded_batches(
         self,
         windows: Iterable[np.ndarray],
         model,
-        batch_size: Optional[int] = None,
-        bf16: Optional[bool] = None,
+        batch_size: int,
+        bf16: bool = False,
         return_frames: bool = False,
-        **generate_kwargs,
-    ) -> Iterator[Union[List[int], Tuple[List[int], np.ndarray]]]:
-        """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time (`bf16` and
-        `grammar`: see `transcribe`). With `return_frames`, (token ids, the frame head's (columns, 256)
-        probabilities, `model.frame_probabilities`) for each window."""
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        generate_kwargs = with_note_grammar(generate_kwargs, self.tokenizer)
-        batch_size = batch_size or default_batch_size(generate_kwargs, model)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16(bf16, model) else nullcontext()
+    ) -> Iterator[Tuple[torch.Tensor, Optional[np.ndarray]]]:
+        """Batches of up to `batch_size` windows ready to decode: (their encoder outputs, or their `input_values` for
+        a model without `get_encoder`; with `return_frames`, the frame head's (windows, columns, 256) probabilities).
+
+        Each batch is read, featurised and encoded `ENCODER_BATCH_SIZE` windows at a time, so of its audio, spectra
+        and encoder activations only one chunk's are held; the encoder outputs of the whole batch are small. What the
+        batch keeps goes into buffers made once per batch: kept chunk by chunk between the encoder's large temporaries,
+        it would fragment the heap and raise the peak. Inference mode and bfloat16 autocast (with `bf16`) are entered
+        per batch: both are per thread, and the batches may be made in another thread than the one decoding them.
+        """
         rate = self.feature_extractor.sampling_rate
         encodes = hasattr(model, "get_encoder")
         windows = iter(windows)
         while True:
-            # The batch is read, featurised and encoded ENCODER_BATCH_SIZE windows at a time, so of its audio, spectra
-            # and encoder activations only one chunk's are held; the encoder outputs of the whole batch are small.
-            # What the batch keeps (encoder outputs, frame probabilities) goes into buffers made once per batch: kept
-            # chunk by chunk between the encoder's large temporaries, it would fragment the heap and raise the peak.
             count, encoded, frames = 0, None, None
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), cpu_autocast(bf16):
                 for chunk in _batched(itertools.islice(windows, batch_size), ENCODER_BATCH_SIZE):
                     input_values = self.feature_extractor(chunk, sampling_rate=rate, return_tensors="pt")["input_values"]
                     output = input_values.to(model.device)
@@ -449,15 +505,46 @@ class Sound2SheetProcessor(ProcessorMixin):
                             frames = np.empty((batch_size, *probabilities.shape[1:]), dtype=probabilities.dtype)
                         frames[count : count + len(chunk)] = probabilities
                     count += len(chunk)
-                if not count:
-                    return
-                if encodes:
-                    encoder_outputs = BaseModelOutput(last_hidden_state=encoded[:count])
-                    sequences = generate_from_encoder_outputs(model, encoder_outputs, **generate_kwargs)
-                else:
-                    sequences, _ = generate_with_frames(model, encoded[:count], False, **generate_kwargs)
-            rows = [row[1:] for row in sequences.tolist()]  # drop the decoder start token
-            yield from zip(rows, frames[:count]) if return_frames else rows
+            if not count:
+                return
+            yield encoded[:count], None if frames is None else frames[:count]
+
+    def generate_windows(
+        self,
+        windows: Iterable[np.ndarray],
+        model,
+        batch_size: Optional[int] = None,
+        bf16: Optional[bool] = None,
+        return_frames: bool = False,
+        encode_ahead: Optional[bool] = None,
+        **generate_kwargs,
+    ) -> Iterator[Union[List[int], Tuple[List[int], np.ndarray]]]:
+        """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time (`bf16`,
+        `encode_ahead` and `grammar`: see `transcribe`). With `return_frames`, (token ids, the frame head's
+        (columns, 256) probabilities, `model.frame_probabilities`) for each window."""
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        generate_kwargs = with_note_grammar(generate_kwargs, self.tokenizer)
+        batch_size = batch_size or default_batch_size(generate_kwargs, model)
+        bf16 = use_bf16(bf16, model)
+        encodes = hasattr(model, "get_encoder")
+        batches = self.encoded_batches(windows, model, batch_size, bf16, return_frames)
+        ahead = resolve_encode_ahead(encode_ahead, model)
+        first = list(itertools.islice(batches, 1)) if ahead else []  # nothing to overlap with: made with all threads
+        with threads_shared_out(ahead):
+            if ahead:  # the next batch is made in the background while this one decodes
+                batches = itertools.chain(first, in_background(batches))
+                del first
+            for encoded, frames in batches:
+                with torch.inference_mode(), cpu_autocast(bf16):
+                    if encodes:
+                        encoder_outputs = BaseModelOutput(last_hidden_state=encoded)
+                        sequences = generate_from_encoder_outputs(model, encoder_outputs, **generate_kwargs)
+                    else:
+                        sequences, _ = generate_with_frames(model, encoded, False, **generate_kwargs)
+                    encoder_outputs = encoded = None  # not held while the next batch is awaited
+                rows = [row[1:] for row in sequences.tolist()]  # drop the decoder start token
+                yield from zip(rows, frames) if return_frames else rows
 
     def transcribe(
         self,
@@ -469,6 +556,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         progress: bool = False,
         bf16: Optional[bool] = None,
         refine_notes: Optional[bool] = None,
+        encode_ahead: Optional[bool] = None,
         **generate_kwargs: Any,
     ) -> List[Note]:
         """Transcribe audio of any length into notes (seconds from the start of the audio), in onset order.
@@ -487,6 +575,13 @@ class Sound2SheetProcessor(ProcessorMixin):
             refine_notes: place the decoded notes on the model's frame head (`refine_notes_with_frames`: onsets on
                 its onset peaks, dropping the notes it does not support; offsets where it stops hearing the pitch).
                 None (default): exactly when the model has a frame head (`model.has_frame_head`).
+            encode_ahead: read, featurise and encode the next batch of windows in a background thread while the
+                current batch decodes, with torch's threads (`torch.get_num_threads()`) shared out between the two
+                (half each) for the duration of the call and restored on return. None (default): exactly when the
+                model runs on a CPU and torch has 2 or more threads. On 2 cores, greedy search on a 5-minute piece
+                costs about the CPU time of 1 thread and runs 1.5x faster than on 1 (`benchmarks/speed.py`); the peak
+                memory is higher (`benchmarks/transcribe_memory.py`). It changes torch's process-wide thread count
+                while it runs: pass False if other threads of the process use torch meanwhile.
             generate_kwargs: decoding options for `model.generate()` (`num_beams`, `do_sample`, `temperature`, `top_k`,
                 `top_p`, `max_new_tokens`, `logits_processor`, ...); see `strategy_generate_kwargs` for named
                 strategies. Decoding keeps to the tokenizer's note-event grammar (`NoteEventGrammarLogitsProcessor`:
@@ -504,7 +599,9 @@ class Sound2SheetProcessor(ProcessorMixin):
         refine = resolve_refine_notes(refine_notes, model)
         evidence = FrameEvidence(model.config.frame_grid) if refine else None
         token_windows = []
-        outputs = self.generate_windows(windows, model, batch_size=batch_size, bf16=bf16, return_frames=refine, **generate_kwargs)
+        outputs = self.generate_windows(
+            windows, model, batch_size=batch_size, bf16=bf16, return_frames=refine, encode_ahead=encode_ahead, **generate_kwargs
+        )
         if progress:  # counts decoded windows (a batch at a time), not windows read
             from tqdm.auto import tqdm
 

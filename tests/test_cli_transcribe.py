@@ -145,3 +145,20 @@ def test_the_command_line_contract_in_a_subprocess(tiny_model_dir, audio_files, 
     )
     assert unknown.returncode == 2
     assert unknown.stderr.strip().splitlines() == ["error: unrecognized arguments: --colour red"]
+
+
+@pytest.mark.parametrize("flag, expected", [((), None), (("--encode_ahead",), True), (("--encode_ahead", "false"), False)])
+def test_encode_ahead_flag_reaches_transcribe(run_transcription, capsys, tiny_model_dir, audio_files, tmp_path, monkeypatch, flag, expected):
+    from sound2sheet import Sound2SheetProcessor
+
+    seen = []
+    original = Sound2SheetProcessor.transcribe
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["encode_ahead"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sound2SheetProcessor, "transcribe", spy)
+    code, _, err = transcribe(run_transcription, capsys, audio_files["wav"], "--output-dir", tmp_path, "--model", tiny_model_dir, *flag)
+    assert code == 0, err
+    assert seen == [expected]

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import ASTConfig, ASTModel, AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicCache
 
 from sound2sheet import Sound2SheetConfig, Sound2SheetForConditionalGeneration, Sound2SheetModel
 from sound2sheet.modeling_sound2sheet import TIME_BIAS_BEHIND, current_time_steps, interpolate_position_embeddings, shift_tokens_right
@@ -688,3 +689,20 @@ def test_missing_encoder_source_is_a_clear_error(tester, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="Cannot load pretrained AST encoder weights from 'MIT/ast-finetuned-audioset-10-10-0.4593'"):
         Sound2SheetForConditionalGeneration.from_encoder_pretrained(tester.get_config(), cache_dir=str(tmp_path / "empty-cache"))
+
+
+def test_beam_search_reorders_only_the_self_attention_cache(tester, model, monkeypatch):
+    """Beams never move between windows and share their window's encoder output: the cross-attention cache stays."""
+    reordered = []
+    original = DynamicCache.reorder_cache
+
+    def spy(cache, beam_idx):
+        reordered.append(cache)
+        return original(cache, beam_idx)
+
+    monkeypatch.setattr(DynamicCache, "reorder_cache", spy)
+    out = model.generate(tester.get_inputs(), max_new_tokens=12, num_beams=3, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert reordered and all(seen is cache.self_attention_cache for seen in reordered)
+    rows = cache.cross_attention_cache.layers[0].keys
+    assert rows.shape[0] == 2 * 3 and all(torch.equal(rows[3 * w], rows[3 * w + b]) for w in range(2) for b in range(3))

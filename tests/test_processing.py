@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import soundfile
@@ -24,6 +27,8 @@ from sound2sheet.processing_sound2sheet import (
     BEAM_BATCH_SIZE,
     default_batch_size,
     clip_notes,
+    in_background,
+    resolve_encode_ahead,
     cpu_has_fast_bf16,
     end_notes_on_sustain,
     onset_peaks,
@@ -128,6 +133,95 @@ def test_the_default_batch_follows_the_decoding_strategy(tiny_model_dir, monkeyp
     assert [shape[0] for shape, _ in model.calls] == [2, 1]
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         PROCESSOR.transcribe(piano_like(1.0, 16000), model, sampling_rate=16000, batch_size=0)
+
+
+@pytest.fixture
+def two_torch_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_encoding_ahead_gives_the_same_notes_in_two_threads_of_one_torch_thread(
+    frame_model_dir, audio_files, monkeypatch, two_torch_threads
+):
+    """With 2 torch threads, the next batch is encoded in a background thread while the current one decodes, each
+    with 1 torch thread; the notes are those of encoding in turn, and torch's thread count comes back."""
+    import sound2sheet.processing_sound2sheet as processing
+
+    model = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir).eval()
+    processor = Sound2SheetProcessor.from_pretrained(frame_model_dir)
+    seen = []
+
+    def spy(function, stage):
+        def wrapped(*args, **kwargs):
+            seen.append((stage, threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(processing, "encode_windows", spy(processing.encode_windows, "encode"))
+    monkeypatch.setattr(processing, "generate_from_encoder_outputs", spy(processing.generate_from_encoder_outputs, "decode"))
+    in_turn = processor.transcribe(audio_files["flac"], model, batch_size=1, encode_ahead=False)
+    assert seen == [("encode", True, 2), ("decode", True, 2)] * 3  # 3 windows, one at a time, in the caller's thread
+    assert in_turn and torch.get_num_threads() == 2
+    seen.clear()
+    assert resolve_encode_ahead(None, model)
+    assert processor.transcribe(audio_files["flac"], model, batch_size=1) == in_turn
+    # The first window has nothing to overlap with: encoded in the caller's thread with both threads. Then each
+    # window is encoded in the background (1 thread) while the one before decodes (1 thread).
+    assert seen[0] == ("encode", True, 2)
+    assert sorted(seen[1:]) == [("decode", True, 1)] * 3 + [("encode", False, 1)] * 2
+    assert seen[1:3] in ([("encode", False, 1), ("decode", True, 1)], [("decode", True, 1), ("encode", False, 1)])
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)  # one torch thread: nothing to share out, windows are encoded in turn
+    assert not resolve_encode_ahead(None, model) and resolve_encode_ahead(True, model)
+
+
+def test_an_error_while_encoding_ahead_comes_out_and_torch_threads_are_restored(frame_model_dir, two_torch_threads):
+    model = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir).eval()
+    processor = Sound2SheetProcessor.from_pretrained(frame_model_dir)
+
+    def windows():
+        yield piano_like(2.56, 16000)
+        raise ValueError("broken.flac: not a sound file")
+
+    outputs = processor.generate_windows(windows(), model, batch_size=1, encode_ahead=True)
+    assert len(next(outputs)) > 0
+    assert torch.get_num_threads() == 1  # shared out while the generator runs
+    with pytest.raises(ValueError, match="broken.flac: not a sound file"):
+        next(outputs)
+    assert torch.get_num_threads() == 2
+
+
+def test_in_background_keeps_order_stays_one_item_ahead_and_raises_where_the_item_would():
+    events = []
+
+    def items(count, fail_at=None):
+        for index in range(count):
+            events.append(("make", index))
+            if index == fail_at:
+                raise RuntimeError(f"item {index} failed")
+            yield index
+
+    for item in in_background(items(5)):
+        time.sleep(0.02)  # time for the background thread to run ahead, if it would
+        events.append(("use", item))
+    assert [item for kind, item in events if kind == "use"] == list(range(5))
+    for position, (kind, index) in enumerate(events):
+        if kind == "make" and index >= 2:  # item k is made once item k - 2 is used, not before
+            assert ("use", index - 2) in events[:position]
+    events.clear()
+    got = []
+    with pytest.raises(RuntimeError, match="item 2 failed"):
+        for item in in_background(items(5, fail_at=2)):
+            got.append(item)
+    assert got == [0, 1]
+    stopped = in_background(items(5))
+    assert next(stopped) == 0
+    stopped.close()  # leaving early waits for the item being made, then stops
+    assert events[-1] == ("make", 1)
 
 
 @pytest.mark.parametrize(
