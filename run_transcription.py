@@ -51,7 +51,7 @@ class TranscribeArguments:
     format: str = field(default="midi,json", metadata={"help": f"Comma-separated outputs among {', '.join(OUTPUT_FORMATS)}."})
     batch_size: Optional[int] = field(
         default=None,
-        metadata={"help": "Windows decoded together; memory grows with it (default: 48 for greedy/sample, 4 for beam)."},
+        metadata={"help": "Windows decoded together; memory grows with it (default: 48 for greedy/sample, 32 for beam)."},
     )
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})
@@ -596,7 +596,7 @@ class EvaluateArguments:
     top_k: Optional[int] = field(default=None, metadata={"help": "Top-k sampling."})
     top_p: Optional[float] = field(default=None, metadata={"help": "Nucleus sampling mass."})
     batch_size: Optional[int] = field(
-        default=None, metadata={"help": "Windows decoded together (default: 48 for greedy/sample, 4 for beam; 8 for token accuracy)."}
+        default=None, metadata={"help": "Windows decoded together (default: 48 for greedy/sample, 32 for beam; 8 for token accuracy)."}
     )
     bf16: Optional[bool] = field(
         default=None, metadata={"help": "bfloat16 autocast on CPU: true/false (default: on exactly when the CPU has AMX or AVX512-BF16)."}

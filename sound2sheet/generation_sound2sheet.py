@@ -12,10 +12,12 @@ the same pitch over and over) until `max_new_tokens`, which costs time and yield
 under the grammar a window's sequence is finite by construction.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+import torch.nn.functional as F
+from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutput
 
 #: `generate()` options under which `generate_in_rounds` equals a single `generate()` call (the others, such as
@@ -246,4 +248,198 @@ def generate_in_rounds(
     return padded
 
 
-__all__ = ["NoteEventGrammarLogitsProcessor", "decodes_in_rounds", "generate_in_rounds", "with_note_grammar"]
+#: `generate()` options that `beam_search_dropping_finished` takes (the others fall back to one `generate()` call).
+BEAM_DROP_SAFE_OPTIONS = frozenset({"do_sample", "num_beams", "max_new_tokens", "logits_processor", "length_penalty", "early_stopping"})
+#: Columns by which `beam_search_dropping_finished` grows its sequence tensors.
+STATE_COLUMNS = 64
+#: Generation-config fields with which `generate()`'s beam search adds logits processors or stopping criteria that
+#: `beam_search_dropping_finished` does not, and the value (besides None or empty) with which they add none: it runs
+#: only where every one of them has such a value.
+BEAM_DROP_NEUTRAL_FIELDS = {
+    **dict.fromkeys(("repetition_penalty", "encoder_repetition_penalty"), 1.0),
+    **dict.fromkeys(("no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "min_length", "diversity_penalty"), 0),
+    **dict.fromkeys(("remove_invalid_values", "renormalize_logits", "low_memory"), False),
+    "num_beam_groups": 1,
+    **dict.fromkeys((
+        "bad_words_ids", "begin_suppress_tokens", "constraints", "exponential_decay_length_penalty", "force_words_ids",
+        "forced_bos_token_id", "forced_eos_token_id", "guidance_scale", "max_time", "min_new_tokens", "sequence_bias",
+        "stop_strings", "suppress_tokens", "watermarking_config",
+    )),
+}
+
+
+def beam_search_drops_finished(generate_kwargs: dict[str, Any], generation_config) -> bool:
+    """Whether `beam_search_dropping_finished` can run this decoding: beam search (`num_beams` >= 2, no sampling) with
+    only `BEAM_DROP_SAFE_OPTIONS`, under a generation config whose `BEAM_DROP_NEUTRAL_FIELDS` all add nothing."""
+    beams = generate_kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1
+    sampling = generate_kwargs.get("do_sample", getattr(generation_config, "do_sample", False))
+    if beams < 2 or sampling or not set(generate_kwargs) <= BEAM_DROP_SAFE_OPTIONS or generation_config is None:
+        return False
+    values = ((getattr(generation_config, name, None), neutral) for name, neutral in BEAM_DROP_NEUTRAL_FIELDS.items())
+    return all(value is None or value == neutral or value in ([], {}) for value, neutral in values)
+
+
+def beam_search_dropping_finished(
+    model,
+    encoder_outputs: BaseModelOutput,
+    num_beams: Optional[int] = None,
+    logits_processor: Optional[LogitsProcessorList] = None,
+    max_new_tokens: Optional[int] = None,
+    length_penalty: Optional[float] = None,
+    early_stopping: Optional[bool | str] = None,
+    do_sample: bool = False,
+) -> torch.LongTensor:
+    """`model.generate(encoder_outputs=..., num_beams=...)` for a batch of windows, with each window set aside as soon
+    as its result is settled. `generate()` runs beam search for all the windows of a batch until the last one is done;
+    here the decoder runs on fewer rows as the windows finish, so a batch costs what its windows need, not what its
+    longest window needs times the batch size (with 4 beams, the rows are 4 per window: the waste is 4 times that of
+    greedy search, which `generate_in_rounds` avoids).
+
+    Each step is `generate()`'s beam search step, made of `GenerationMixin`'s own beam search helpers
+    (`_get_top_k_continuations`, `_get_running_beams_for_next_iteration`, `_update_finished_beams`,
+    `_check_early_stop_heuristic`); those treat every window apart, except that the loop runs until all windows are
+    done. A window whose early-stop check has failed (or, with `early_stopping=True`, whose beams are all finished)
+    can no longer change its finished hypotheses, so dropping it gives the ids `generate()` returns for it.
+    Where `generate()` fills a row after its EOS with EOS, this pads it with `pad_token_id`, like `generate_in_rounds`.
+
+    Args:
+        num_beams, max_new_tokens, length_penalty, early_stopping: as for `generate()` (default: the model's
+            generation config).
+        logits_processor: applied to the log-probabilities at each step, as `generate()` does for beam search.
+        do_sample: must be False (beam sampling is left to `generate()`).
+
+    Returns:
+        (batch, length) ids: decoder start first, then the best beam of each window up to its EOS, then padding.
+    """
+    config = model.generation_config
+    defaults = GenerationConfig._get_default_generation_params()  # what generate() uses where the config has None
+
+    def setting(value, name):
+        for candidate in (value, getattr(config, name, None), defaults.get(name)):
+            if candidate is not None:
+                return candidate
+
+    num_beams = setting(num_beams, "num_beams")
+    if num_beams < 2 or do_sample:
+        raise ValueError(f"beam_search_dropping_finished needs num_beams >= 2 and do_sample=False, got {num_beams} and {do_sample}.")
+    length_penalty = setting(length_penalty, "length_penalty")
+    early_stopping = setting(early_stopping, "early_stopping")
+    max_new_tokens = max_new_tokens or config.max_new_tokens
+    max_length = 1 + max_new_tokens if max_new_tokens is not None else setting(None, "max_length")  # start included
+    eos = config.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos))
+    hidden = encoder_outputs.last_hidden_state
+    device, windows = hidden.device, hidden.shape[0]
+    if not windows:
+        raise ValueError("beam_search_dropping_finished needs at least one window.")
+    logits_processor = logits_processor or LogitsProcessorList()
+    stopping_criteria = StoppingCriteriaList([MaxLengthCriteria(max_length), EosTokenCriteria(eos_ids.to(device))])
+    beams_to_keep = max(2, 1 + len(eos_ids)) * num_beams
+    top_num_beam_mask = torch.arange(beams_to_keep, device=device) < num_beams
+
+    # generate()'s beam search state, one entry per running window (`window` maps them to the input's rows). The
+    # sequence tensors are grown `STATE_COLUMNS` columns at a time instead of made `max_length` wide at once: the
+    # helpers copy them whole at every step, and most windows end long before `max_length`.
+    fill = config.pad_token_id if config.pad_token_id else eos_ids[0].item()  # generate()'s fill value
+    running_sequences = torch.full((windows, num_beams, 1), config.decoder_start_token_id, dtype=torch.long, device=device)
+    sequences = running_sequences.clone()
+    running_beam_indices = torch.full((windows, num_beams, 0), -1, dtype=torch.int32, device=device)
+    beam_indices = running_beam_indices.clone()
+    running_beam_scores = torch.zeros((windows, num_beams), device=device)
+    running_beam_scores[:, 1:] = -1e9
+    beam_scores = torch.full((windows, num_beams), -1e9, device=device)
+    is_sent_finished = torch.zeros((windows, num_beams), dtype=torch.bool, device=device)
+    improvable = torch.ones((windows, 1), dtype=torch.bool, device=device)
+    window = torch.arange(windows, device=device)
+    memory = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(num_beams, dim=0))
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    best: list = [None] * windows
+    cur_len = 1
+    while True:
+        batch = len(window)
+        if running_sequences.shape[2] <= cur_len:  # room for the token chosen at this step
+            more = min(STATE_COLUMNS, max_length - running_sequences.shape[2])
+            running_sequences, sequences = (F.pad(state, (0, more), value=fill) for state in (running_sequences, sequences))
+            running_beam_indices, beam_indices = (F.pad(state, (0, more), value=-1) for state in (running_beam_indices, beam_indices))
+        flat = running_sequences[:, :, :cur_len].reshape(batch * num_beams, cur_len)
+        inputs = model.prepare_inputs_for_generation(
+            flat, next_sequence_length=1 if cur_len > 1 else None, past_key_values=cache, encoder_outputs=memory,
+            use_cache=True,
+        )
+        outputs = model(**inputs, return_dict=True)
+        cache = outputs.past_key_values
+        log_probs = F.log_softmax(outputs.logits[:, -1, :].float(), dim=-1)
+        del outputs
+        log_probs = logits_processor(flat, log_probs)
+        log_probs = (log_probs.view(batch, num_beams, -1) + running_beam_scores[:, :, None]).view(batch, -1)
+        topk_log_probs, topk_running_sequences, topk_running_beam_indices = model._get_top_k_continuations(
+            accumulated_log_probs=log_probs, running_sequences=running_sequences,
+            running_beam_indices=running_beam_indices, cur_len=cur_len, decoder_prompt_len=1, do_sample=False,
+            beams_to_keep=beams_to_keep, num_beams=num_beams, batch_size=batch,
+        )
+        hits = stopping_criteria(topk_running_sequences[:, :, : cur_len + 1].reshape(batch * beams_to_keep, -1), None)
+        hits = hits.view(batch, beams_to_keep)
+        running_sequences, running_beam_scores, running_beam_indices = model._get_running_beams_for_next_iteration(
+            topk_log_probs=topk_log_probs, topk_running_sequences=topk_running_sequences,
+            topk_running_beam_indices=topk_running_beam_indices, next_token_hits_stopping_criteria=hits,
+            num_beams=num_beams,
+        )
+        sequences, beam_scores, beam_indices, is_sent_finished = model._update_finished_beams(
+            sequences=sequences, topk_running_sequences=topk_running_sequences, beam_scores=beam_scores,
+            topk_log_probs=topk_log_probs, beam_indices=beam_indices, topk_running_beam_indices=topk_running_beam_indices,
+            is_early_stop_heuristic_unsatisfied=improvable, is_sent_finished=is_sent_finished,
+            next_token_hits_stopping_criteria=hits, top_num_beam_mask=top_num_beam_mask, num_beams=num_beams,
+            cur_len=cur_len, decoder_prompt_len=1, length_penalty=length_penalty, early_stopping=early_stopping,
+        )
+        beam_idx = running_beam_indices[..., cur_len - 1].reshape(-1)
+        cur_len += 1
+        improvable = model._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=improvable, running_beam_scores=running_beam_scores,
+            beam_scores=beam_scores, is_sent_finished=is_sent_finished, cur_len=cur_len, max_length=max_length,
+            decoder_prompt_len=1, early_stopping=early_stopping, length_penalty=length_penalty,
+        )
+        # generate()'s stop for the whole batch, per window: a window is settled once its finished hypotheses can no
+        # longer improve, or (early_stopping=True) it has no open beam, or every continuation hit a stopping criterion.
+        # From then on its `sequences` stay as they are, so it may be set aside at any later step.
+        settled = ~improvable[:, 0] | (is_sent_finished.all(dim=1) & (early_stopping is True)) | hits.all(dim=1)
+        count = int(settled.sum())
+        # Each drop copies the cache: drop once an eighth of the rows have settled (or the last ones have).
+        if count and (count == batch or count >= max(1, batch // 8)):
+            for row in settled.nonzero()[:, 0].tolist():
+                best[window[row]] = sequences[row, 0]
+            if count == batch:
+                break
+        reorder = getattr(model, "_reorder_cache", None)
+        if reorder is not None:
+            cache = reorder(cache, beam_idx)
+        else:
+            cache.reorder_cache(beam_idx)
+        if count and count >= max(1, batch // 8):  # set the settled windows aside: out of the cache and the state
+            keep = (~settled).nonzero()[:, 0]
+            rows = (keep[:, None] * num_beams + torch.arange(num_beams, device=device)).reshape(-1)
+            cache.batch_select_indices(rows)
+            memory = BaseModelOutput(last_hidden_state=memory.last_hidden_state[rows])
+            running_sequences, running_beam_scores = running_sequences[keep], running_beam_scores[keep]
+            running_beam_indices, sequences, beam_scores = running_beam_indices[keep], sequences[keep], beam_scores[keep]
+            beam_indices, is_sent_finished, improvable = beam_indices[keep], is_sent_finished[keep], improvable[keep]
+            window = window[keep]
+    # Each window's best beam up to its first EOS (generate() fills the rest), padded like generate_in_rounds.
+    eos_ids = eos_ids.to(device)
+    rows = []
+    for row in best:
+        ends = torch.isin(row[1:], eos_ids).nonzero()
+        rows.append(row[: int(ends[0, 0]) + 2] if len(ends) else row)
+    padded = torch.full((windows, max(len(row) for row in rows)), config.pad_token_id, dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        padded[index, : len(row)] = row
+    return padded
+
+
+__all__ = [
+    "NoteEventGrammarLogitsProcessor",
+    "beam_search_drops_finished",
+    "beam_search_dropping_finished",
+    "decodes_in_rounds",
+    "generate_in_rounds",
+    "with_note_grammar",
+]

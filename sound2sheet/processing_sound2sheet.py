@@ -17,7 +17,13 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.modeling_outputs import BaseModelOutput
 
 from .feature_extraction_sound2sheet import audio_duration, iter_audio_windows, load_audio
-from .generation_sound2sheet import decodes_in_rounds, generate_in_rounds, with_note_grammar
+from .generation_sound2sheet import (
+    beam_search_dropping_finished,
+    beam_search_drops_finished,
+    decodes_in_rounds,
+    generate_in_rounds,
+    with_note_grammar,
+)
 from .notes import Note, pitch_list, sort_notes, write_midi
 
 AudioInput = Union[str, os.PathLike, np.ndarray]
@@ -37,13 +43,16 @@ SUSTAIN_THRESHOLD = 0.4
 # generate() call each, 26.8x with 48 in rounds, 32.1x with the next batch encoded ahead; 128 was about 1.3x faster
 # than 48 in hand runs). But a batch holds about 1 MB per window (cross-attention keys and values): from 30 s to 10 min
 # of audio the peak grew 4-13 % with 48 (four runs), 5 % with 32, 26 % with 128, and 20-24 % with 48 encoding ahead
-# (three runs), whose encoder work is alive while a batch decodes. Beam search runs each batch until its longest window
-# ends: small batches.
+# (three runs), whose encoder work is alive while a batch decodes. Beam search sets finished windows aside step by
+# step (4 beams, the same piece, 2 threads: CPU 77 s with batches of 4 in one generate() call each; set aside, 44 s
+# with 16, 34 s with 32 or 48, whose peaks were 611, 658 and 740 MB). Other options make one generate() call per batch,
+# which runs until its longest window ends: small batches.
 # Windows per feature/encoder pass: the encoder costs the same per window from 1 to 8 windows (1 or 2 threads), and
 # its activations are large; with encoding ahead they are alive while a batch decodes (10 min of audio, batch 48: peak
 # 591 MB with 8, 563 with 4, 539 with 2). Decoding steps per round.
 BATCH_SIZE = 48
-BEAM_BATCH_SIZE = 4
+BEAM_BATCH_SIZE = 32
+ONE_CALL_BATCH_SIZE = 4
 ENCODER_BATCH_SIZE = 2
 ROUND_TOKENS = 16
 MIN_NOTE_SECONDS = 0.01  # a placed note lasts at least one time step
@@ -267,18 +276,24 @@ def encode_windows(model, input_values: torch.Tensor, encoder_batch_size: int = 
 
 
 def default_batch_size(generate_kwargs: Dict[str, Any], model) -> int:
-    """Windows decoded together when the caller gives no `batch_size`: `BATCH_SIZE` where decoding runs in rounds
-    (greedy search, sampling), else `BEAM_BATCH_SIZE`."""
+    """Windows decoded together when the caller gives no `batch_size`: `BATCH_SIZE` for greedy search and sampling in
+    rounds (`decodes_in_rounds`), `BEAM_BATCH_SIZE` for beam search with finished windows set aside
+    (`beam_search_drops_finished`; 4 beams per window), else `ONE_CALL_BATCH_SIZE` (one `generate()` call per batch
+    runs until its longest window ends)."""
     config = getattr(model, "generation_config", None)
-    return BATCH_SIZE if decodes_in_rounds(generate_kwargs, config) else BEAM_BATCH_SIZE
+    if decodes_in_rounds(generate_kwargs, config):
+        return BATCH_SIZE
+    return BEAM_BATCH_SIZE if beam_search_drops_finished(generate_kwargs, config) else ONE_CALL_BATCH_SIZE
 
 
 def generate_from_encoder_outputs(model, encoder_outputs: BaseModelOutput, **generate_kwargs) -> torch.LongTensor:
-    """`model.generate()` on a batch of encoded windows. Greedy search and sampling decode in rounds that set finished
-    windows aside (`generate_in_rounds`: the same ids as one `generate()` call); beam search and options outside
-    `ROUND_SAFE_OPTIONS` make one `generate()` call."""
+    """`model.generate()` on a batch of encoded windows, with finished windows set aside where the options allow it
+    (the same ids as one `generate()` call): greedy search and sampling decode in rounds (`generate_in_rounds`), beam
+    search step by step (`beam_search_dropping_finished`). Other options make one `generate()` call."""
     if decodes_in_rounds(generate_kwargs, model.generation_config):
         return generate_in_rounds(model, encoder_outputs, ROUND_TOKENS, **generate_kwargs)
+    if beam_search_drops_finished(generate_kwargs, model.generation_config):
+        return beam_search_dropping_finished(model, encoder_outputs, **generate_kwargs)
     return model.generate(encoder_outputs=encoder_outputs, num_return_sequences=1, **generate_kwargs)
 
 
@@ -565,7 +580,7 @@ class Sound2SheetProcessor(ProcessorMixin):
             audio: a file path (WAV/FLAC/OGG, any rate and channel count) or an array (at `sampling_rate`).
             model: a [`Sound2SheetForConditionalGeneration`].
             batch_size: windows decoded together; memory grows with it, not with the audio length. None (default):
-                `default_batch_size` (48 windows for greedy search and sampling, 4 for beam search).
+                `default_batch_size` (48 windows for greedy search and sampling, 32 for beam search).
             midi_path: also write the notes to this MIDI file.
             progress: show a progress bar over the windows.
             bf16: run the model under bfloat16 autocast on CPU. None (default): exactly when the CPU computes

@@ -7,12 +7,14 @@ import random
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, MinLengthLogitsProcessor, pipeline
+from transformers import GenerationConfig, LogitsProcessorList, MinLengthLogitsProcessor, pipeline
 from transformers.modeling_outputs import BaseModelOutput
 
 from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor, Sound2SheetTokenizer
 from sound2sheet.generation_sound2sheet import (
     NoteEventGrammarLogitsProcessor,
+    beam_search_dropping_finished,
+    beam_search_drops_finished,
     decodes_in_rounds,
     generate_in_rounds,
     with_note_grammar,
@@ -241,3 +243,58 @@ def test_generate_continues_from_the_cache_it_returned(rows_of_several_lengths):
             max_length=13,
         )
     assert torch.equal(second, one_call)
+
+
+def best_beams(sequences: torch.Tensor) -> list[list[int]]:
+    """Each row up to its first EOS (after it, generate() fills beam search rows with EOS, the rounds with padding)."""
+    rows = []
+    for row in sequences.tolist():
+        end = row.index(TOKENIZER.eos_token_id, 1) + 1 if TOKENIZER.eos_token_id in row[1:] else len(row)
+        rows.append(row[:end])
+    return rows
+
+
+@pytest.mark.parametrize(
+    "options, decoder_rows",
+    [
+        ({"num_beams": 4}, [24] * 40),  # no window is settled before max_new_tokens
+        ({"num_beams": 2}, [12] * 29 + [8] * 2 + [4] * 9),  # two windows settle after 29 steps, two after 31
+        ({"num_beams": 2, "early_stopping": True}, [12] * 29 + [8] * 2 + [4] * 9),
+        ({"num_beams": 4, "length_penalty": -2.0}, [24] * 40),
+        ({"num_beams": 3, "length_penalty": -1.0, "max_new_tokens": 9}, [18] * 9),
+    ],
+    ids=["4-beams", "2-beams", "early-stopping", "length-penalty", "max-new-tokens"],
+)
+def test_beam_search_dropping_finished_gives_the_ids_of_generate(rows_of_several_lengths, options, decoder_rows):
+    model, encoder_outputs, grammar = rows_of_several_lengths
+    hidden = encoder_outputs.last_hidden_state
+    options = {"max_new_tokens": 40, **options}
+    rows = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, output: rows.append(output.last_hidden_state.shape[0]))
+    try:
+        with torch.inference_mode():  # generate() expands the encoder output it is given in place: one each
+            one_call = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), logits_processor=grammar, **options)
+            steps_of_generate, rows[:] = len(rows), []
+            dropping = beam_search_dropping_finished(model, BaseModelOutput(last_hidden_state=hidden), logits_processor=grammar, **options)
+    finally:
+        hook.remove()
+    assert best_beams(dropping) == best_beams(one_call)
+    ends = (dropping == TOKENIZER.eos_token_id).cumsum(dim=1) > 0
+    assert (dropping[ends.roll(1, dims=1) & ends] == TOKENIZER.pad_token_id).all()  # padding after each row's EOS
+    assert rows == decoder_rows and len(rows) == steps_of_generate
+
+
+def test_beam_search_drops_finished_windows_only_where_it_equals_generate(rows_of_several_lengths):
+    model = rows_of_several_lengths[0]
+    config = model.generation_config
+    assert beam_search_drops_finished({"num_beams": 4}, config)
+    assert beam_search_drops_finished({"num_beams": 2, "do_sample": False, "logits_processor": [], "early_stopping": True}, config)
+    # a saved generation config spells out the values that add no logits processor
+    assert beam_search_drops_finished({"num_beams": 4}, GenerationConfig(repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0))
+    assert not beam_search_drops_finished({}, config)  # greedy search: decoded in rounds instead
+    assert not beam_search_drops_finished({"num_beams": 4, "do_sample": True}, config)
+    assert not beam_search_drops_finished({"num_beams": 4, "min_new_tokens": 2}, config)
+    assert not beam_search_drops_finished({"num_beams": 4}, GenerationConfig(repetition_penalty=1.3))
+    assert not beam_search_drops_finished({"num_beams": 4}, GenerationConfig(num_beams=4, bad_words_ids=[[7]]))
+    with pytest.raises(ValueError, match="needs num_beams >= 2 and do_sample=False, got 1 and False"):
+        beam_search_dropping_finished(model, rows_of_several_lengths[1], num_beams=1)

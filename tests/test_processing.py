@@ -25,6 +25,7 @@ from sound2sheet.generation_sound2sheet import NoteEventGrammarLogitsProcessor
 from sound2sheet.processing_sound2sheet import (
     BATCH_SIZE,
     BEAM_BATCH_SIZE,
+    ONE_CALL_BATCH_SIZE,
     default_batch_size,
     clip_notes,
     in_background,
@@ -120,12 +121,14 @@ def test_transcribe_with_a_real_model_is_batch_size_invariant(tiny_model_dir, au
 
 
 def test_the_default_batch_follows_the_decoding_strategy(tiny_model_dir, monkeypatch):
-    """Greedy search and sampling decode in rounds and take large batches; beam search takes small ones."""
+    """Decoding that sets finished windows aside takes large batches (beam search: 4 rows per window, a bit smaller);
+    one generate() call per batch takes small ones."""
     model = Sound2SheetForConditionalGeneration.from_pretrained(tiny_model_dir)
     assert default_batch_size({}, model) == BATCH_SIZE == 48
     assert default_batch_size({"do_sample": True, "top_k": 5}, model) == BATCH_SIZE
-    assert default_batch_size({"num_beams": 4}, model) == BEAM_BATCH_SIZE == 4
-    assert default_batch_size({"min_new_tokens": 2}, model) == BEAM_BATCH_SIZE  # one generate() call per batch
+    assert default_batch_size({"num_beams": 4}, model) == BEAM_BATCH_SIZE == 32
+    assert default_batch_size({"num_beams": 4, "do_sample": True}, model) == ONE_CALL_BATCH_SIZE == 4
+    assert default_batch_size({"min_new_tokens": 2}, model) == ONE_CALL_BATCH_SIZE
     # transcribe() batches windows by it when no batch_size is given
     monkeypatch.setattr("sound2sheet.processing_sound2sheet.BATCH_SIZE", 2)
     model = ScriptedModel(PROCESSOR.tokenizer, [Note(0.5, 6.0, 50, 64)])

@@ -10,9 +10,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import pipeline
+from transformers.modeling_outputs import BaseModelOutput
 
 import sound2sheet  # noqa: F401  (registers the pipeline and Auto classes)
 from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor, read_midi
+from sound2sheet.generation_sound2sheet import beam_search_dropping_finished, with_note_grammar
 from sound2sheet.metrics import note_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,29 @@ def test_decoding_keeps_to_the_note_grammar_and_ends_every_window(shipped):
     assert len(rows) == len(windows) == 4
     lengths = [row.index(processor.tokenizer.eos_token_id) + 1 for row in rows]  # each window stopped by itself
     assert max(lengths) < 300  # far from max_new_tokens (1023)
+
+
+def test_beam_search_sets_settled_windows_aside_and_gives_the_ids_of_generate(shipped):
+    """On real windows, which end at different steps (the tiny random models of test_generation rarely settle with
+    4 beams): the decoder runs on fewer rows once windows are settled, and every window gets generate()'s ids."""
+    model, processor = shipped
+    windows = list(processor.iter_windows(str(EXAMPLE)))
+    inputs = processor.feature_extractor(windows, sampling_rate=16000, return_tensors="pt")["input_values"]
+    options = with_note_grammar({"num_beams": 4}, processor.tokenizer)
+    rows = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, output: rows.append(output.last_hidden_state.shape[0]))
+    try:
+        with torch.inference_mode():
+            hidden = model.get_encoder()(inputs).last_hidden_state
+            one_call = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), **options)
+            steps_of_generate, rows[:] = len(rows), []
+            dropping = beam_search_dropping_finished(model, BaseModelOutput(last_hidden_state=hidden), **options)
+    finally:
+        hook.remove()
+    eos = processor.tokenizer.eos_token_id
+    assert [row[: row.index(eos, 1) + 1] for row in dropping.tolist()] == [row[: row.index(eos, 1) + 1] for row in one_call.tolist()]
+    assert rows[0] == 16 and rows[-1] < 16 and rows == sorted(rows, reverse=True)  # 4 windows x 4 beams, then fewer
+    assert len(rows) == steps_of_generate and sum(rows) < 16 * steps_of_generate
 
 
 def test_the_pipeline_gives_the_same_notes_as_the_processor(shipped):
