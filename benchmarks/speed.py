@@ -146,7 +146,7 @@ def main():
             path, origin = long_piece(args.long_seconds, args.manifest_dir, args.split, Path(folder))
             files.append((path, f"{args.long_seconds:g} s piece: {origin}"))
         bf16 = cpu_has_fast_bf16() if args.bf16 == "auto" else args.bf16 == "on"
-        print(f"model {args.model}; batch size {args.batch_size or 'default (48 greedy/sample, 4 beam)'}; bf16 autocast {'on' if bf16 else 'off'} (--bf16 {args.bf16}); "
+        print(f"model {args.model}; batch size {args.batch_size or 'default (48 greedy/sample, 32 beam)'}; bf16 autocast {'on' if bf16 else 'off'} (--bf16 {args.bf16}); "
               f"medians of {args.repeats} runs after a warm-up")
         for path, label in files:
             seconds = soundfile.info(str(path)).duration
