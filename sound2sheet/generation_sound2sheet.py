@@ -239,11 +239,18 @@ def generate_in_rounds(
             keep = (~ended).nonzero()[:, 0]
             cache.batch_select_indices(keep.to(ids.device))
             ids, running = ids[keep.to(ids.device)], running[keep]
-    width = max(len(row) for row in rows)
-    padded = torch.full((len(rows), width), config.pad_token_id, dtype=torch.long, device=hidden.device)
-    for index, row in enumerate(rows):
-        eos_at = torch.isin(row.cpu(), eos_ids).nonzero()
-        end = int(eos_at[0, 0]) + 1 if len(eos_at) else len(row)
+    return padded_after_eos(rows, eos_ids, config.pad_token_id, hidden.device)
+
+
+def padded_after_eos(rows: list, eos_ids: torch.Tensor, pad_token_id: int, device) -> torch.LongTensor:
+    """(len(rows), width) ids from 1-D rows (decoder start first): each row up to its first EOS (the whole row if it has
+    none), then `pad_token_id`; as wide as the longest of them, as `generate()` returns a batch."""
+    ends = []
+    for row in rows:
+        eos_at = torch.isin(row[1:].cpu(), eos_ids.cpu()).nonzero()
+        ends.append(int(eos_at[0, 0]) + 2 if len(eos_at) else len(row))
+    padded = torch.full((len(rows), max(ends)), pad_token_id, dtype=torch.long, device=device)
+    for index, (row, end) in enumerate(zip(rows, ends)):
         padded[index, :end] = row[:end]
     return padded
 
@@ -354,6 +361,7 @@ def beam_search_dropping_finished(
     memory = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(num_beams, dim=0))
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     best: list = [None] * windows
+    reorder = getattr(model, "_reorder_cache", None)  # generate() prefers the model's own, as here
     cur_len = 1
     while True:
         batch = len(window)
@@ -403,18 +411,18 @@ def beam_search_dropping_finished(
         # From then on its `sequences` stay as they are, so it may be set aside at any later step.
         settled = ~improvable[:, 0] | (is_sent_finished.all(dim=1) & (early_stopping is True)) | hits.all(dim=1)
         count = int(settled.sum())
-        # Each drop copies the cache: drop once an eighth of the rows have settled (or the last ones have).
-        if count and (count == batch or count >= max(1, batch // 8)):
+        # Each drop copies the cache: drop once an eighth of the windows have settled (or the last one has).
+        drop = count >= max(1, batch // 8)
+        if drop:
             for row in settled.nonzero()[:, 0].tolist():
                 best[window[row]] = sequences[row, 0]
             if count == batch:
                 break
-        reorder = getattr(model, "_reorder_cache", None)
         if reorder is not None:
             cache = reorder(cache, beam_idx)
         else:
             cache.reorder_cache(beam_idx)
-        if count and count >= max(1, batch // 8):  # set the settled windows aside: out of the cache and the state
+        if drop:  # set the settled windows aside: out of the cache and the state
             keep = (~settled).nonzero()[:, 0]
             rows = (keep[:, None] * num_beams + torch.arange(num_beams, device=device)).reshape(-1)
             cache.batch_select_indices(rows)
@@ -423,16 +431,8 @@ def beam_search_dropping_finished(
             running_beam_indices, sequences, beam_scores = running_beam_indices[keep], sequences[keep], beam_scores[keep]
             beam_indices, is_sent_finished, improvable = beam_indices[keep], is_sent_finished[keep], improvable[keep]
             window = window[keep]
-    # Each window's best beam up to its first EOS (generate() fills the rest), padded like generate_in_rounds.
-    eos_ids = eos_ids.to(device)
-    rows = []
-    for row in best:
-        ends = torch.isin(row[1:], eos_ids).nonzero()
-        rows.append(row[: int(ends[0, 0]) + 2] if len(ends) else row)
-    padded = torch.full((windows, max(len(row) for row in rows)), config.pad_token_id, dtype=torch.long, device=device)
-    for index, row in enumerate(rows):
-        padded[index, : len(row)] = row
-    return padded
+    # Each window's best beam up to its first EOS (generate() fills the rest with EOS), padded like generate_in_rounds.
+    return padded_after_eos(best, eos_ids, config.pad_token_id, device)
 
 
 __all__ = [
