@@ -61,7 +61,8 @@ class TranscribeArguments:
     )
     refine_notes: Optional[bool] = field(
         default=None,
-        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head: true/false (default: when it has one)."},
+        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of that "
+                          "the decoder missed: true/false (default: when it has one)."},
     )
     encode_ahead: Optional[bool] = field(
         default=None,
@@ -603,7 +604,8 @@ class EvaluateArguments:
     )
     refine_notes: Optional[bool] = field(
         default=None,
-        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head: true/false (default: when it has one)."},
+        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of that "
+                          "the decoder missed: true/false (default: when it has one)."},
     )
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
     max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces."})

@@ -72,8 +72,8 @@ def main(argv=None):
         "`checkpoint-2000`.\n"
         "6. Stage 5, more steps of the same on a fresh schedule: "
         "`python run_transcription.py train examples/train_piano_small_stage5.json`.\n\n"
-        "At inference, the decoded notes are placed on the frame head's onsets and offsets (`refine_notes`, on by "
-        "default for this model).\n\n"
+        "At inference, the decoded notes are placed on the frame head's onsets and offsets, and the head's sure "
+        "onsets that the decoder missed are added (`refine_notes`, on by default for this model).\n\n"
         + "".join(f"Stage {number}:\n\n```json\n{text}\n```\n\n" for number, text in enumerate(stages, start=1))
         + args.training_summary
     )

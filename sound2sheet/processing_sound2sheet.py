@@ -34,9 +34,11 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that
 # Notes placed on the frame head (`refine_notes_with_frames`), settings chosen on the validation split of
 # data/piano-synth: a peak of the onset head counts from ONSET_THRESHOLD, a decoded onset moves at most ONSET_REACH
 # seconds to reach one, and a pitch sounds while its probability is at least SUSTAIN_THRESHOLD.
+# An onset peak from ADDED_ONSET_THRESHOLD that no decoded note took becomes a note of its own (the decoder missed it).
 ONSET_THRESHOLD = 0.06
 ONSET_REACH = 0.25
 SUSTAIN_THRESHOLD = 0.4
+ADDED_ONSET_THRESHOLD = 0.35
 # Transcription batching, measured on 2 CPU cores (benchmarks/speed.py, benchmarks/transcribe_memory.py). Windows per
 # decoding batch: greedy search and sampling decode in rounds that set finished windows aside, so a large batch shares
 # each step's overhead among many rows (greedy, a 5-minute piece, 2 threads: 14.7x realtime with batches of 8 in one
@@ -140,16 +142,25 @@ def onset_peaks(
         frame_grid: (centre of the first column in seconds, seconds between columns, columns), the model's
             `config.frame_grid`.
     """
-    first, step, _ = frame_grid
     times: Dict[int, list] = {}
     for probs, start in zip(probabilities, window_starts):
-        probs = np.asarray(probs, dtype=np.float32)
-        is_peak = probs > threshold
-        is_peak[1:] &= probs[1:] >= probs[:-1]
-        is_peak[:-1] &= probs[:-1] > probs[1:]
-        for column, pitch in zip(*np.nonzero(is_peak)):
-            times.setdefault(int(pitch), []).append(round(float(start) + first + step * int(column), 6))
+        for pitch, time, _ in _window_peaks(probs, start, frame_grid, threshold):
+            times.setdefault(pitch, []).append(time)
     return {pitch: np.array(sorted(found)) for pitch, found in times.items()}
+
+
+def _window_peaks(
+    probabilities: np.ndarray, window_start: float, frame_grid: Tuple[float, float, int], threshold: float
+) -> Iterator[Tuple[int, float, float]]:
+    """(pitch, time in seconds, probability) of each onset peak of one window's (columns, pitches) onset
+    probabilities (see `onset_peaks`)."""
+    first, step, _ = frame_grid
+    probs = np.asarray(probabilities, dtype=np.float32)
+    is_peak = probs > threshold
+    is_peak[1:] &= probs[1:] >= probs[:-1]
+    is_peak[:-1] &= probs[:-1] > probs[1:]
+    for column, pitch in zip(*np.nonzero(is_peak)):
+        yield int(pitch), round(float(window_start) + first + step * int(column), 6), float(probs[column, pitch])
 
 
 def place_notes_on_onsets(notes: Iterable[Note], peaks: Dict[int, np.ndarray], reach: float = ONSET_REACH) -> List[Note]:
@@ -172,6 +183,35 @@ def place_notes_on_onsets(notes: Iterable[Note], peaks: Dict[int, np.ndarray], r
         taken.add((note.pitch, onset))
         placed.append(Note(onset, max(note.offset, onset + MIN_NOTE_SECONDS), note.pitch, note.velocity))
     return sort_notes(placed)
+
+
+def add_missed_onsets(
+    placed: Sequence[Note],
+    peaks: Dict[int, Tuple[np.ndarray, np.ndarray]],
+    decoded: Sequence[Note],
+    threshold: float = ADDED_ONSET_THRESHOLD,
+) -> List[Note]:
+    """`placed` and a note for each onset peak of probability at least `threshold` that none of them took: the
+    decoder missed it, and the onset head is sure of it. In onset order.
+
+    An added note takes the velocity of the decoded note nearest in time (of any pitch; 64 when nothing was decoded)
+    and lasts one time step: `end_notes_on_sustain` then gives it its offset.
+
+    Args:
+        placed: the decoded notes placed on the onset peaks (`place_notes_on_onsets`): each onset is a peak time.
+        peaks: for each MIDI pitch, the sorted times of its onset peaks and their probabilities.
+        decoded: the decoder's notes, for the velocities.
+    """
+    taken = {(note.pitch, note.onset) for note in placed}
+    onsets = np.array([note.onset for note in decoded])
+    velocities = [note.velocity for note in decoded]
+    added = []
+    for pitch, (times, probabilities) in peaks.items():
+        for time in times[(probabilities >= threshold)].tolist():
+            if (pitch, time) not in taken:
+                velocity = velocities[int(np.argmin(np.abs(onsets - time)))] if velocities else 64
+                added.append(Note(time, round(time + MIN_NOTE_SECONDS, 6), pitch, velocity))
+    return sort_notes([*placed, *added])
 
 
 def end_notes_on_sustain(
@@ -215,9 +255,9 @@ def end_notes_on_sustain(
 
 
 class FrameEvidence:
-    """What the frame head says about a piece, gathered window by window in compact form (its onset peaks, and a
-    boolean table of where each pitch sounds: about 8 kB per window instead of the 62 kB of probabilities), to place
-    the decoded notes on it once the piece is decoded (`place`).
+    """What the frame head says about a piece, gathered window by window in compact form (its onset peaks with their
+    probabilities, and a boolean table of where each pitch sounds: about 8 kB per window instead of the 62 kB of
+    probabilities), to place the decoded notes on it once the piece is decoded (`place`).
 
     Args:
         frame_grid: the model's `config.frame_grid`.
@@ -225,23 +265,30 @@ class FrameEvidence:
 
     def __init__(self, frame_grid: Tuple[float, float, int]):
         self.frame_grid = tuple(frame_grid)
-        self.peaks: Dict[int, list] = {}
+        self.peaks: Dict[int, List[Tuple[float, float]]] = {}
         self.sounding: List[np.ndarray] = []
         self.window_starts: List[float] = []
 
     def add(self, frame_probabilities: np.ndarray, window_start: float):
         """Take one window's (columns, 256) `model.frame_probabilities`, starting at `window_start` seconds."""
         probabilities = np.asarray(frame_probabilities, dtype=np.float32)
-        for pitch, times in onset_peaks([probabilities[:, :FRAME_PITCHES]], [window_start], self.frame_grid).items():
-            self.peaks.setdefault(pitch, []).extend(times.tolist())
+        for pitch, time, probability in _window_peaks(probabilities[:, :FRAME_PITCHES], window_start, self.frame_grid, ONSET_THRESHOLD):
+            self.peaks.setdefault(pitch, []).append((time, probability))
         self.sounding.append(probabilities[:, FRAME_PITCHES:] >= SUSTAIN_THRESHOLD)
         self.window_starts.append(float(window_start))
 
-    def place(self, notes: Iterable[Note]) -> List[Note]:
+    def place(self, notes: Iterable[Note], added_onset_threshold: Optional[float] = ADDED_ONSET_THRESHOLD) -> List[Note]:
         """`notes` with onsets on the onset peaks (`place_notes_on_onsets`, which drops the notes the head does not
-        support) and offsets where their pitch stops sounding (`end_notes_on_sustain`)."""
-        peaks = {pitch: np.array(sorted(times)) for pitch, times in self.peaks.items()}
-        placed = place_notes_on_onsets(notes, peaks)
+        support), the peaks from `added_onset_threshold` that no note took added as notes (`add_missed_onsets`; None:
+        none added), and offsets where their pitch stops sounding (`end_notes_on_sustain`)."""
+        notes = list(notes)
+        peaks = {}
+        for pitch, found in self.peaks.items():
+            table = np.array(sorted(found), dtype=np.float64).reshape(-1, 2)
+            peaks[pitch] = (table[:, 0], table[:, 1])
+        placed = place_notes_on_onsets(notes, {pitch: times for pitch, (times, _) in peaks.items()})
+        if added_onset_threshold is not None:
+            placed = add_missed_onsets(placed, peaks, notes, added_onset_threshold)
         return end_notes_on_sustain(placed, self.sounding, self.window_starts, self.frame_grid)
 
 
@@ -250,12 +297,16 @@ def refine_notes_with_frames(
     frame_probabilities: Sequence[np.ndarray],
     window_starts: Sequence[float],
     frame_grid: Tuple[float, float, int],
+    added_onset_threshold: Optional[float] = ADDED_ONSET_THRESHOLD,
 ) -> List[Note]:
     """Decoded notes placed on the frame head's predictions: onsets on its onset peaks (`place_notes_on_onsets`, which
-    also drops the notes it does not support), offsets where its pitch stops sounding (`end_notes_on_sustain`).
+    also drops the notes it does not support), the head's sure onsets that the decoder missed added
+    (`add_missed_onsets`, from `added_onset_threshold`; None adds none), offsets where each pitch stops sounding
+    (`end_notes_on_sustain`).
 
-    The decoder chooses which notes there are, with their velocities; its times are tens of milliseconds off, and it
-    writes surplus notes. The encoder's frame head, trained by the frame loss, places onsets and offsets better.
+    The decoder chooses most of the notes, with their velocities; its times are tens of milliseconds off, it writes
+    surplus notes, and it misses notes in dense passages. The encoder's frame head, trained by the frame loss, places
+    onsets and offsets better, and where it is sure of an onset it is usually right.
 
     Args:
         frame_probabilities: per window, the (columns, 256) array of `model.frame_probabilities`: onset
@@ -264,7 +315,7 @@ def refine_notes_with_frames(
     evidence = FrameEvidence(frame_grid)
     for probabilities, start in zip(frame_probabilities, window_starts):
         evidence.add(probabilities, start)
-    return evidence.place(notes)
+    return evidence.place(notes, added_onset_threshold)
 
 
 def encode_windows(model, input_values: torch.Tensor, encoder_batch_size: int = ENCODER_BATCH_SIZE) -> BaseModelOutput:
@@ -588,8 +639,8 @@ class Sound2SheetProcessor(ProcessorMixin):
                 emulates it and float32 is faster. The notes match float32's up to near-ties, which flip; how
                 often depends on the model (`benchmarks/bf16_agreement.py`).
             refine_notes: place the decoded notes on the model's frame head (`refine_notes_with_frames`: onsets on
-                its onset peaks, dropping the notes it does not support; offsets where it stops hearing the pitch).
-                None (default): exactly when the model has a frame head (`model.has_frame_head`).
+                its onset peaks, dropping the notes it does not support; its sure onsets that no decoded note took
+                added as notes; offsets where it stops hearing the pitch). None (default): exactly when the model has a frame head (`model.has_frame_head`).
             encode_ahead: read, featurise and encode the next batch of windows in a background thread while the
                 current batch decodes, with torch's threads (`torch.get_num_threads()`) shared out between the two
                 (half each) for the duration of the call and restored on return. None (default): exactly when the
@@ -647,6 +698,7 @@ __all__ = [
     "cpu_has_fast_bf16",
     "onset_peaks",
     "place_notes_on_onsets",
+    "add_missed_onsets",
     "end_notes_on_sustain",
     "refine_notes_with_frames",
     "FrameEvidence",

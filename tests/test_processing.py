@@ -27,6 +27,7 @@ from sound2sheet.processing_sound2sheet import (
     BEAM_BATCH_SIZE,
     ONE_CALL_BATCH_SIZE,
     default_batch_size,
+    add_missed_onsets,
     clip_notes,
     in_background,
     resolve_encode_ahead,
@@ -373,6 +374,35 @@ def test_place_notes_on_onsets_moves_drops_and_merges():
     assert placed == [Note(0.115, 0.6, 60, 80), Note(0.5, 0.8, 64, 50), Note(1.0, 1.01, 60, 90)]
     assert place_notes_on_onsets(notes, peaks, reach=0.5)[:2] == [Note(0.115, 0.6, 60, 80), Note(0.5, 0.8, 64, 50)]
     assert place_notes_on_onsets(notes, {}) == []
+
+
+def test_add_missed_onsets_adds_the_sure_peaks_no_note_took():
+    placed = [Note(0.115, 0.6, 60, 80)]  # on the peak at 0.115
+    peaks = {
+        60: (np.array([0.115, 1.0]), np.array([0.9, 0.5])),  # 0.115 is taken; 1.0 is added
+        62: (np.array([0.3, 0.7]), np.array([0.2, 0.36])),  # 0.3 is too weak; 0.7 is added
+        64: (np.array([2.0]), np.array([0.34])),  # too weak
+    }
+    decoded = [Note(0.09, 0.6, 60, 80), Note(0.8, 0.9, 70, 30)]  # the velocities come from the nearest in time
+    assert add_missed_onsets(placed, peaks, decoded, threshold=0.35) == [
+        Note(0.115, 0.6, 60, 80), Note(0.7, 0.71, 62, 30), Note(1.0, 1.01, 60, 30),
+    ]
+    assert add_missed_onsets(placed, peaks, decoded, threshold=0.5) == [Note(0.115, 0.6, 60, 80), Note(1.0, 1.01, 60, 30)]
+    assert add_missed_onsets([], peaks, [], threshold=0.5) == [Note(0.115, 0.125, 60, 64), Note(1.0, 1.01, 60, 64)]
+
+
+def test_refine_notes_with_frames_adds_the_onsets_the_decoder_missed():
+    grid = (0.075, 0.04, 5)  # column centres 0.075, 0.115, 0.155, 0.195, 0.235 s
+    probabilities = np.zeros((5, 256), dtype=np.float32)
+    probabilities[:, 60] = [0.1, 0.9, 0.3, 0.5, 0.2]  # onset peaks at 0.115 and 0.195
+    probabilities[:, 128 + 60] = 0.9  # sounds to the end of the window
+    decoded = [Note(0.1, 0.2, 60, 80)]
+    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid) == [
+        Note(0.115, 0.195, 60, 80),  # placed, and ended where the pitch starts again
+        Note(0.195, 0.255, 60, 80),  # added, ended half a column after the last one
+    ]
+    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid, added_onset_threshold=0.6) == [Note(0.115, 0.255, 60, 80)]
+    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid, added_onset_threshold=None) == [Note(0.115, 0.255, 60, 80)]
 
 
 def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():  # (sounding: probability >= 0.5 here)
