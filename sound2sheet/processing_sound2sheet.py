@@ -37,7 +37,7 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that
 # An onset peak from ADDED_ONSET_THRESHOLD that no decoded note took becomes a note of its own (the decoder missed it).
 ONSET_THRESHOLD = 0.06
 ONSET_REACH = 0.25
-SUSTAIN_THRESHOLD = 0.4
+SUSTAIN_THRESHOLD = 0.3
 ADDED_ONSET_THRESHOLD = 0.35
 # Transcription batching, measured on 2 CPU cores (benchmarks/speed.py, benchmarks/transcribe_memory.py). Windows per
 # decoding batch: greedy search and sampling decode in rounds that set finished windows aside, so a large batch shares
