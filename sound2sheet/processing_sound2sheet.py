@@ -640,7 +640,8 @@ class Sound2SheetProcessor(ProcessorMixin):
                 often depends on the model (`benchmarks/bf16_agreement.py`).
             refine_notes: place the decoded notes on the model's frame head (`refine_notes_with_frames`: onsets on
                 its onset peaks, dropping the notes it does not support; its sure onsets that no decoded note took
-                added as notes; offsets where it stops hearing the pitch). None (default): exactly when the model has a frame head (`model.has_frame_head`).
+                added as notes; offsets where it stops hearing the pitch). None (default): exactly when the model has
+                a frame head (`model.has_frame_head`).
             encode_ahead: read, featurise and encode the next batch of windows in a background thread while the
                 current batch decodes, with torch's threads (`torch.get_num_threads()`) shared out between the two
                 (half each) for the duration of the call and restored on return. None (default): exactly when the
