@@ -2,7 +2,8 @@
 strategy and thread count, with basic-pitch 0.4.0 on the same files in the same run when it is installed.
 
     python benchmarks/speed.py [--model models/sound2sheet-piano-small] [--threads 1 2] [--repeats 3]
-                               [--strategies greedy beam sample] [--long-seconds 300] [--bf16 auto|on|off] [--no-basic-pitch]
+                               [--strategies greedy beam sample] [--long-seconds 300] [--bf16 auto|on|off]
+                               [--encode-ahead auto|on|off] [--no-basic-pitch]
 
 Files: the bundled example (examples/example_piano.flac) and a long piece of `--long-seconds` made by joining the
 recordings of a manifest split end to end (default: the test split of data/piano-synth, unseen pieces on the held-out
@@ -40,7 +41,7 @@ from quality import basic_pitch_system  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "example_piano.flac"
-BF16_CHOICES = {"auto": None, "on": True, "off": False}
+BF16_CHOICES = AHEAD_CHOICES = {"auto": None, "on": True, "off": False}
 RATE = 16000  # the long file is written at the model's rate: its resampling is not what is measured
 
 
@@ -87,7 +88,8 @@ def child(spec: dict) -> dict:
 
             def transcribe(path):
                 torch.manual_seed(0)  # the same samples every run
-                return processor.transcribe(path, model, batch_size=spec["batch_size"] or None, bf16=spec["bf16"], **kwargs)
+                return processor.transcribe(path, model, batch_size=spec["batch_size"] or None, bf16=spec["bf16"],
+                                            encode_ahead=spec["encode_ahead"], **kwargs)
 
             return transcribe
 
@@ -124,6 +126,8 @@ def main():
     parser.add_argument("--split", default="test")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                         help="bfloat16 autocast for Sound2Sheet (auto: as transcribe decides, on exactly with AMX/AVX512-BF16)")
+    parser.add_argument("--encode-ahead", choices=sorted(AHEAD_CHOICES), default="auto",
+                        help="encode windows in a background thread while others decode (auto: the library's default)")
     parser.add_argument("--no-basic-pitch", action="store_true", help="skip basic-pitch even when installed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,7 +150,8 @@ def main():
             path, origin = long_piece(args.long_seconds, args.manifest_dir, args.split, Path(folder))
             files.append((path, f"{args.long_seconds:g} s piece: {origin}"))
         bf16 = cpu_has_fast_bf16() if args.bf16 == "auto" else args.bf16 == "on"
-        print(f"model {args.model}; batch size {args.batch_size or 'default (48 greedy/sample, 32 beam)'}; bf16 autocast {'on' if bf16 else 'off'} (--bf16 {args.bf16}); "
+        print(f"model {args.model}; batch size {args.batch_size or 'default (pool of 24 greedy, 48 sample, 32 beam)'}; bf16 autocast {'on' if bf16 else 'off'} (--bf16 {args.bf16}); "
+              f"encode ahead {args.encode_ahead}; "
               f"medians of {args.repeats} runs after a warm-up")
         for path, label in files:
             seconds = soundfile.info(str(path)).duration
@@ -157,7 +162,7 @@ def main():
                 for system in systems:
                     spec = {"system": system, "model": args.model, "audio": str(path), "threads": threads,
                             "strategies": args.strategies, "repeats": args.repeats, "batch_size": args.batch_size,
-                            "bf16": BF16_CHOICES[args.bf16]}
+                            "bf16": BF16_CHOICES[args.bf16], "encode_ahead": AHEAD_CHOICES[args.encode_ahead]}
                     measured = run_child(spec)
                     for name, result in measured["results"].items():
                         rows[name] = result

@@ -12,13 +12,17 @@ the same pitch over and over) until `max_new_tokens`, which costs time and yield
 under the grammar a window's sequence is finite by construction.
 """
 
-from typing import Any, Optional
+import itertools
+from typing import Any, Iterable, Iterator, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import Cache, DynamicCache, EncoderDecoderCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput
+
+T = TypeVar("T")
 
 #: `generate()` options under which `generate_in_rounds` equals a single `generate()` call (the others, such as
 #: `min_new_tokens` or `stopping_criteria`, count from the start of each call, or keep state across steps).
@@ -275,15 +279,22 @@ BEAM_DROP_NEUTRAL_FIELDS = {
 }
 
 
+def adds_no_processors(generation_config) -> bool:
+    """Whether a generation config's `BEAM_DROP_NEUTRAL_FIELDS` all add nothing to what `generate()` applies."""
+    if generation_config is None:
+        return False
+    values = ((getattr(generation_config, name, None), neutral) for name, neutral in BEAM_DROP_NEUTRAL_FIELDS.items())
+    return all(value is None or value == neutral or value in ([], {}) for value, neutral in values)
+
+
 def beam_search_drops_finished(generate_kwargs: dict[str, Any], generation_config) -> bool:
     """Whether `beam_search_dropping_finished` can run this decoding: beam search (`num_beams` >= 2, no sampling) with
     only `BEAM_DROP_SAFE_OPTIONS`, under a generation config whose `BEAM_DROP_NEUTRAL_FIELDS` all add nothing."""
     beams = generate_kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1
     sampling = generate_kwargs.get("do_sample", getattr(generation_config, "do_sample", False))
-    if beams < 2 or sampling or not set(generate_kwargs) <= BEAM_DROP_SAFE_OPTIONS or generation_config is None:
+    if beams < 2 or sampling or not set(generate_kwargs) <= BEAM_DROP_SAFE_OPTIONS:
         return False
-    values = ((getattr(generation_config, name, None), neutral) for name, neutral in BEAM_DROP_NEUTRAL_FIELDS.items())
-    return all(value is None or value == neutral or value in ([], {}) for value, neutral in values)
+    return adds_no_processors(generation_config)
 
 
 def beam_search_dropping_finished(
@@ -435,11 +446,207 @@ def beam_search_dropping_finished(
     return padded_after_eos(best, eos_ids, config.pad_token_id, device)
 
 
+#: `generate()` options that `generate_continuously` takes: greedy search with the model's generation config.
+CONTINUOUS_SAFE_OPTIONS = frozenset({"do_sample", "num_beams", "max_new_tokens", "logits_processor"})
+#: Key positions by which `generate_continuously` grows (and shrinks) its self-attention cache.
+POOL_COLUMNS = 16
+
+
+def decodes_continuously(generate_kwargs: dict[str, Any], generation_config) -> bool:
+    """Whether `generate_continuously` can run this decoding: greedy search (one beam, no sampling) with only
+    `CONTINUOUS_SAFE_OPTIONS`, under a generation config that adds no logits processors (`adds_no_processors`)."""
+    beams = generate_kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1
+    sampling = generate_kwargs.get("do_sample", getattr(generation_config, "do_sample", False))
+    if beams != 1 or sampling or not set(generate_kwargs) <= CONTINUOUS_SAFE_OPTIONS:
+        return False
+    return adds_no_processors(generation_config)
+
+
+class PoolLayer(DynamicLayer):
+    """One decoder layer's self-attention keys and values for the rows of a `PoolCache`, each row at its own length:
+    (rows, heads, `pool.width`, head_dim) buffers. `update` writes each row's new key and value at that row's position
+    (`pool.positions`) and returns the whole buffers; what a row has not written is masked by the caller."""
+
+    def __init__(self, pool: "PoolCache"):
+        super().__init__()
+        self.pool = pool
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        rows, heads, _, size = key_states.shape
+        # Zeros, not empty memory: masked scores are still computed, and garbage could hold NaN.
+        self.keys = key_states.new_zeros((rows, heads, self.pool.width, size))
+        self.values = value_states.new_zeros((rows, heads, self.pool.width, size))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        width = self.pool.width
+        if self.keys.shape[2] != width:  # grown with zeros, or shrunk to a compact copy
+            more = max(0, width - self.keys.shape[2])
+            self.keys = F.pad(self.keys[:, :, :width], (0, 0, 0, more)).contiguous()
+            self.values = F.pad(self.values[:, :, :width], (0, 0, 0, more)).contiguous()
+        index = self.pool.positions[:, None, None, None].expand(-1, key_states.shape[1], 1, key_states.shape[3])
+        self.keys.scatter_(2, index, key_states)
+        self.values.scatter_(2, index, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.pool.width - 1
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+
+
+class PoolCache(Cache):
+    """Self-attention cache of `generate_continuously`: one `PoolLayer` per decoder layer, rows at different lengths.
+
+    Before each decoder step the caller sets `positions` (each row's position of the token it feeds) and `width`
+    (key positions kept, more than the largest position); the decoder then sees `width - 1` cached positions, and its
+    `attention_mask` (rows, width) must allow each row the keys up to its position."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[PoolLayer(self) for _ in range(num_layers)])
+        self.width = POOL_COLUMNS
+        self.positions = torch.zeros(0, dtype=torch.long)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width - 1
+
+
+def generate_continuously(
+    model,
+    windows: Iterable[tuple[torch.Tensor, T]],
+    pool_size: int,
+    logits_processor: Optional[LogitsProcessorList] = None,
+    max_new_tokens: Optional[int] = None,
+    bf16: bool = False,
+    num_beams: Optional[int] = None,
+    do_sample: Optional[bool] = None,
+) -> Iterator[tuple[torch.LongTensor, T]]:
+    """Greedy search over a stream of encoded windows with continuous batching: the decoder runs on a pool of up to
+    `pool_size` windows, each at its own length, and a window that reaches EOS hands its row to the next window at
+    once. Every step then decodes a full pool, where a batch decoded to its end (`generate_in_rounds`) thins out as its
+    windows finish; the memory is that of the pool, whatever the number of windows.
+
+    Each window gets the ids greedy `generate(encoder_outputs=...)` gives it alone, up to floating-point rounding:
+    its keys sit among other rows' and padding in the cache, masked. The logits processors see each row's ids
+    right-aligned, left-padded with `pad_token_id`, the decoder start before the first generated token.
+
+    Args:
+        windows: (encoder output (columns, hidden), payload) per window; the payload comes back with its ids.
+        pool_size: windows decoded together.
+        logits_processor, max_new_tokens: as for `generate()` (default: the model's generation config).
+        bf16: run each step under bfloat16 autocast on the model's device.
+        num_beams, do_sample: only 1 and False (greedy search); see `decodes_continuously`.
+
+    Yields:
+        (ids, payload) per window, in the order of `windows`: the ids are 1-D, decoder start first, up to and with
+        EOS (or until `max_new_tokens`).
+    """
+    if pool_size < 1:
+        raise ValueError(f"pool_size must be >= 1, got {pool_size}.")
+    if (num_beams or 1) != 1 or do_sample:
+        raise ValueError(f"generate_continuously is greedy search: num_beams=1, do_sample=False; got {num_beams} and {do_sample}.")
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos))
+    max_new_tokens = max_new_tokens or config.max_new_tokens
+    limit = 1 + max_new_tokens if max_new_tokens is not None else config.max_length  # decoder start included
+    start, pad = config.decoder_start_token_id, config.pad_token_id if config.pad_token_id is not None else 0
+    time_offset, time_tokens = model.config.time_token_offset, model.config.num_time_tokens
+    logits_processor = logits_processor or LogitsProcessorList()
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    device = model.device
+    source = iter(windows)
+    done: dict[int, tuple[torch.Tensor, Any]] = {}
+    payloads: dict[int, Any] = {}
+    taken = emitted = 0
+
+    def take(count: int) -> list[torch.Tensor]:
+        nonlocal taken
+        hidden = []
+        for hidden_states, payload in itertools.islice(source, count):
+            hidden.append(hidden_states)
+            payloads[taken] = payload
+            taken += 1
+        return hidden
+
+    def steps():  # inference mode and autocast entered per step: the caller's code runs between the yields
+        return torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    first = take(pool_size)
+    if not first:
+        return
+    inference, autocast = steps()
+    with inference, autocast:
+        cross = DynamicCache()
+        for index, (keys, values) in enumerate(decoder.cross_attention_keys_values(torch.stack(first).to(device))):
+            cross.update(keys, values, index)
+        pool = PoolCache(len(decoder.layers))
+        cache = EncoderDecoderCache(pool, cross)
+        window = torch.arange(len(first))  # the window each row decodes
+        fed = torch.zeros(len(first), dtype=torch.long, device=device)  # tokens in the cache per row
+        last = torch.full_like(fed, start)  # the token each row feeds next
+        times = torch.zeros_like(fed)  # the time step in force at that token
+        ids = last[:, None].clone()  # tokens so far per row, right-aligned
+    del first
+    while len(window):
+        inference, autocast = steps()
+        with inference, autocast:
+            pool.positions = fed
+            needed = int(fed.max()) + 1
+            if needed > pool.width or needed <= pool.width - 4 * POOL_COLUMNS:
+                pool.width = min(-(-needed // POOL_COLUMNS) * POOL_COLUMNS, limit)
+            mask = torch.arange(pool.width, device=device)[None] <= fed[:, None]
+            hidden = decoder(
+                last[:, None], None, attention_mask=mask, past_key_values=cache, use_cache=True,
+                time_steps=times[:, None], position_ids=fed[:, None],
+            ).last_hidden_state
+            scores = head(hidden[:, -1]).float()
+            ids = ids[:, -needed:]
+            chosen = logits_processor(ids, scores).argmax(dim=-1)
+            ids = torch.cat([ids, chosen[:, None]], dim=1)
+            fed, last = fed + 1, chosen
+            is_time = (chosen >= time_offset) & (chosen < time_offset + time_tokens)
+            times = torch.where(is_time, chosen - time_offset, times)
+            ended = (torch.isin(chosen, eos_ids.to(device)) | (fed + 1 >= limit)).cpu()
+            if bool(ended.any()):
+                rows = ended.nonzero()[:, 0]
+                for row in rows.tolist():
+                    done[int(window[row])] = ids[row, -(int(fed[row]) + 1) :].clone()
+                new = take(len(rows))
+                if new:  # the first rows that ended hand over to the new windows
+                    given = rows[: len(new)].to(device)
+                    for layer, (keys, values) in zip(cross.layers, decoder.cross_attention_keys_values(torch.stack(new).to(device))):
+                        layer.keys[given], layer.values[given] = keys, values
+                    window[rows[: len(new)]] = torch.arange(taken - len(new), taken)
+                    fed[given], last[given], times[given] = 0, start, 0
+                    ids[given] = pad
+                    ids[given, -1] = start
+                if len(new) < len(rows):  # no window left for the others: out of the pool
+                    keep = torch.ones(len(window), dtype=torch.bool)
+                    keep[rows[len(new) :]] = False
+                    keep = keep.nonzero()[:, 0]
+                    for layer in (*pool.layers, *cross.layers):
+                        layer.batch_select_indices(keep.to(device))
+                    on_device = keep.to(device)
+                    window, fed, last, times, ids = window[keep], fed[on_device], last[on_device], times[on_device], ids[on_device]
+        while emitted in done:
+            yield done.pop(emitted), payloads.pop(emitted)
+            emitted += 1
+
+
 __all__ = [
     "NoteEventGrammarLogitsProcessor",
     "beam_search_drops_finished",
+    "PoolCache",
     "beam_search_dropping_finished",
+    "decodes_continuously",
     "decodes_in_rounds",
+    "generate_continuously",
     "generate_in_rounds",
     "with_note_grammar",
 ]

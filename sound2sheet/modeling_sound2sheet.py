@@ -91,20 +91,23 @@ class Sound2SheetAttention(nn.Module):
         batch, length, _ = states.shape
         return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def keys_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, heads, length, head_dim) keys and values of `states` (batch, length, hidden): for cross-attention,
+        what the cache holds for the encoder tokens."""
+        return self._heads(self.k_proj(states)), self._heads(self.v_proj(states))
+
     def _cached_or_new_keys_values(self, states: torch.Tensor, past_key_values: Optional[EncoderDecoderCache]):
         if past_key_values is None:
-            return self._heads(self.k_proj(states)), self._heads(self.v_proj(states))
+            return self.keys_values(states)
         if self.is_cross_attention:
             cache = past_key_values.cross_attention_cache
             if past_key_values.is_updated.get(self.layer_idx):
                 layer = cache.layers[self.layer_idx]
                 return layer.keys, layer.values
-            keys, values = cache.update(self._heads(self.k_proj(states)), self._heads(self.v_proj(states)), self.layer_idx)
+            keys, values = cache.update(*self.keys_values(states), self.layer_idx)
             past_key_values.is_updated[self.layer_idx] = True
             return keys, values
-        return past_key_values.self_attention_cache.update(
-            self._heads(self.k_proj(states)), self._heads(self.v_proj(states)), self.layer_idx
-        )
+        return past_key_values.self_attention_cache.update(*self.keys_values(states), self.layer_idx)
 
     def forward(
         self,
@@ -291,6 +294,10 @@ class Sound2SheetNoteDecoder(nn.Module):
         distance = (centres - time_steps[..., None]) * (self.config.time_token_seconds / step)
         return torch.round(distance).long().clamp(-TIME_BIAS_BEHIND, TIME_BIAS_AHEAD) + TIME_BIAS_BEHIND
 
+    def cross_attention_keys_values(self, encoder_hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the cross-attention keys and values of `encoder_hidden_states` that a cache holds while decoding."""
+        return [layer.cross_attn.keys_values(encoder_hidden_states) for layer in self.layers]
+
     def _self_attention_mask(self, attention_mask, query_length: int, past_length: int, device) -> Optional[torch.Tensor]:
         """None for the common cases SDPA handles by itself (full causal prefix, or one new token); else a bool mask."""
         if attention_mask is None and (past_length == 0 or query_length == 1):
@@ -311,9 +318,13 @@ class Sound2SheetNoteDecoder(nn.Module):
         past_key_values: Optional[Cache] = None,
         use_cache: bool = False,
         time_steps: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         """`time_steps` (batch, tokens): with `config.cross_attention_time_bias`, the current time step at each input
-        token (`current_time_steps`); computed from `input_ids` when they start the sequence (no cache yet)."""
+        token (`current_time_steps`); computed from `input_ids` when they start the sequence (no cache yet).
+        `position_ids` (batch, tokens): each token's position in its sequence, for rows at different lengths (default:
+        the positions after the cache, the same for every row); `attention_mask` then says which cached keys each
+        row may attend to."""
         if use_cache and past_key_values is None:
             past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
         if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
@@ -325,8 +336,9 @@ class Sound2SheetNoteDecoder(nn.Module):
                 f"Decoding position {past_length + query_length} exceeds max_target_positions="
                 f"{self.config.max_target_positions}; lower max_length/max_new_tokens."
             )
-        positions = torch.arange(past_length, past_length + query_length, device=input_ids.device)
-        hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(positions)[None])
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + query_length, device=input_ids.device)[None]
+        hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
         mask = self._self_attention_mask(attention_mask, query_length, past_length, input_ids.device)
         buckets = None
         if self.config.cross_attention_time_bias:

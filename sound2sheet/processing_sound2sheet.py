@@ -20,7 +20,9 @@ from .feature_extraction_sound2sheet import audio_duration, iter_audio_windows, 
 from .generation_sound2sheet import (
     beam_search_dropping_finished,
     beam_search_drops_finished,
+    decodes_continuously,
     decodes_in_rounds,
+    generate_continuously,
     generate_in_rounds,
     with_note_grammar,
 )
@@ -49,10 +51,18 @@ ADDED_ONSET_THRESHOLD = 0.35
 # step (4 beams, the same piece, 2 threads: CPU 77 s with batches of 4 in one generate() call each; set aside, 44 s
 # with 16, 34 s with 32 or 48, whose peaks were 611, 658 and 740 MB). Other options make one generate() call per batch,
 # which runs until its longest window ends: small batches.
+# Greedy search decodes a stream of windows with continuous batching (`generate_continuously`): a pool of
+# CONTINUOUS_POOL_SIZE windows, each handing its row to the next window as it ends, so every step runs on a full pool.
+# 181 s of the test split, 2 threads, hand runs (two each): 4.2-5.8 s with 24, 4.6-5.3 s
+# with 48, 5.5-6.6 s with 16. With encoding ahead the decoder has one thread: 1.15x slower, but the CPU time is
+# 0.75x (benchmarks/speed.py on the 5-minute piece, two runs each); it stays on. Peak memory from 30 s to 10 min of
+# audio: +13.2 to +13.7 % with 24 (three runs; 1 window per encoder pass instead of 2: the same), +12.2 % with 16;
+# without encoding ahead +10.0 % with 24, +11.6 % with 32.
 # Windows per feature/encoder pass: the encoder costs the same per window from 1 to 8 windows (1 or 2 threads), and
 # its activations are large; with encoding ahead they are alive while a batch decodes (10 min of audio, batch 48: peak
 # 591 MB with 8, 563 with 4, 539 with 2). Decoding steps per round.
 BATCH_SIZE = 48
+CONTINUOUS_POOL_SIZE = 24
 BEAM_BATCH_SIZE = 32
 ONE_CALL_BATCH_SIZE = 4
 ENCODER_BATCH_SIZE = 2
@@ -327,11 +337,14 @@ def encode_windows(model, input_values: torch.Tensor, encoder_batch_size: int = 
 
 
 def default_batch_size(generate_kwargs: Dict[str, Any], model) -> int:
-    """Windows decoded together when the caller gives no `batch_size`: `BATCH_SIZE` for greedy search and sampling in
-    rounds (`decodes_in_rounds`), `BEAM_BATCH_SIZE` for beam search with finished windows set aside
-    (`beam_search_drops_finished`; 4 beams per window), else `ONE_CALL_BATCH_SIZE` (one `generate()` call per batch
-    runs until its longest window ends)."""
+    """Windows decoded together when the caller gives no `batch_size`: `CONTINUOUS_POOL_SIZE` for greedy search with
+    continuous batching (`decodes_continuously`; a model with an encoder), `BATCH_SIZE` for sampling in rounds
+    (`decodes_in_rounds`; greedy search of a model without `get_encoder` too),
+    `BEAM_BATCH_SIZE` for beam search with finished windows set aside (`beam_search_drops_finished`; 4 beams per
+    window), else `ONE_CALL_BATCH_SIZE` (one `generate()` call per batch runs until its longest window ends)."""
     config = getattr(model, "generation_config", None)
+    if hasattr(model, "get_encoder") and decodes_continuously(generate_kwargs, config):
+        return CONTINUOUS_POOL_SIZE
     if decodes_in_rounds(generate_kwargs, config):
         return BATCH_SIZE
     return BEAM_BATCH_SIZE if beam_search_drops_finished(generate_kwargs, config) else ONE_CALL_BATCH_SIZE
@@ -381,8 +394,8 @@ def cpu_autocast(bf16: bool):
 
 
 def resolve_encode_ahead(encode_ahead: Optional[bool], model) -> bool:
-    """Whether `transcribe` encodes the next batch of windows in a background thread while it decodes the current
-    one: `encode_ahead` if given, else exactly when the model runs on a CPU and torch has 2 or more threads."""
+    """Whether `transcribe` encodes the next windows in a background thread while it decodes others: `encode_ahead`
+    if given, else exactly when the model runs on a CPU and torch has 2 or more threads."""
     if encode_ahead is not None:
         return bool(encode_ahead)
     return model.device.type == "cpu" and torch.get_num_threads() >= 2
@@ -585,7 +598,8 @@ class Sound2SheetProcessor(ProcessorMixin):
         encode_ahead: Optional[bool] = None,
         **generate_kwargs,
     ) -> Iterator[Union[List[int], Tuple[List[int], np.ndarray]]]:
-        """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time (`bf16`,
+        """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time (greedy search:
+        a pool of `batch_size` windows with continuous batching, each window's ids up to its EOS; `bf16`,
         `encode_ahead` and `grammar`: see `transcribe`). With `return_frames`, (token ids, the frame head's
         (columns, 256) probabilities, `model.frame_probabilities`) for each window."""
         if batch_size is not None and batch_size < 1:
@@ -594,8 +608,12 @@ class Sound2SheetProcessor(ProcessorMixin):
         batch_size = batch_size or default_batch_size(generate_kwargs, model)
         bf16 = use_bf16(bf16, model)
         encodes = hasattr(model, "get_encoder")
-        batches = self.encoded_batches(windows, model, batch_size, bf16, return_frames)
+        continuous = encodes and decodes_continuously(generate_kwargs, getattr(model, "generation_config", None))
         ahead = resolve_encode_ahead(encode_ahead, model)
+        if continuous:
+            yield from self._generate_continuously(windows, model, batch_size, bf16, return_frames, ahead, generate_kwargs)
+            return
+        batches = self.encoded_batches(windows, model, batch_size, bf16, return_frames)
         first = list(itertools.islice(batches, 1)) if ahead else []  # nothing to overlap with: made with all threads
         with threads_shared_out(ahead):
             if ahead:  # the next batch is made in the background while this one decodes
@@ -611,6 +629,25 @@ class Sound2SheetProcessor(ProcessorMixin):
                     encoder_outputs = encoded = None  # not held while the next batch is awaited
                 rows = [row[1:] for row in sequences.tolist()]  # drop the decoder start token
                 yield from zip(rows, frames) if return_frames else rows
+
+    def _generate_continuously(self, windows, model, pool_size, bf16, return_frames, ahead, generate_kwargs):
+        """`generate_windows` by greedy search with continuous batching (`generate_continuously`): windows are encoded
+        `ENCODER_BATCH_SIZE` at a time (with `ahead`, in a background thread once the pool's first windows are in)."""
+
+        def one_by_one(batches):
+            for encoded, frames in batches:
+                for index in range(len(encoded)):
+                    yield encoded[index], None if frames is None else frames[index]
+
+        source = one_by_one(self.encoded_batches(windows, model, ENCODER_BATCH_SIZE, bf16, return_frames))
+        first = list(itertools.islice(source, pool_size)) if ahead else []  # nothing to overlap with: all threads
+        with threads_shared_out(ahead):
+            if ahead:
+                source = itertools.chain(first, in_background(source))
+                del first
+            for ids, frames in generate_continuously(model, source, pool_size, bf16=bf16, **generate_kwargs):
+                row = ids[1:].tolist()  # the decoder start dropped
+                yield (row, frames) if return_frames else row
 
     def transcribe(
         self,
@@ -631,7 +668,8 @@ class Sound2SheetProcessor(ProcessorMixin):
             audio: a file path (WAV/FLAC/OGG, any rate and channel count) or an array (at `sampling_rate`).
             model: a [`Sound2SheetForConditionalGeneration`].
             batch_size: windows decoded together; memory grows with it, not with the audio length. None (default):
-                `default_batch_size` (48 windows for greedy search and sampling, 32 for beam search).
+                `default_batch_size` (a pool of 24 windows for greedy search, which decodes with continuous batching,
+                `generate_continuously`; 48 for sampling, 32 for beam search).
             midi_path: also write the notes to this MIDI file.
             progress: show a progress bar over the windows.
             bf16: run the model under bfloat16 autocast on CPU. None (default): exactly when the CPU computes
@@ -646,8 +684,9 @@ class Sound2SheetProcessor(ProcessorMixin):
                 current batch decodes, with torch's threads (`torch.get_num_threads()`) shared out between the two
                 (half each) for the duration of the call and restored on return. None (default): exactly when the
                 model runs on a CPU and torch has 2 or more threads. On 2 cores, greedy search on a 5-minute piece
-                costs about the CPU time of 1 thread and runs 1.5x faster than on 1 (`benchmarks/speed.py`); the peak
-                memory is higher (`benchmarks/transcribe_memory.py`). It changes torch's process-wide thread count
+                then costs about the CPU time of 1 thread; without it, it runs about 1.15x faster for 1.35x the CPU
+                time (`benchmarks/speed.py --encode-ahead on|off`), and its peak memory is lower
+                (`benchmarks/transcribe_memory.py`). It changes torch's process-wide thread count
                 while it runs: pass False if other threads of the process use torch meanwhile.
             generate_kwargs: decoding options for `model.generate()` (`num_beams`, `do_sample`, `temperature`, `top_k`,
                 `top_p`, `max_new_tokens`, `logits_processor`, ...); see `strategy_generate_kwargs` for named

@@ -10,12 +10,15 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, MinLengthLogitsProcessor, pipeline
 from transformers.modeling_outputs import BaseModelOutput
 
+import sound2sheet.generation_sound2sheet as generation
 from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor, Sound2SheetTokenizer
 from sound2sheet.generation_sound2sheet import (
     NoteEventGrammarLogitsProcessor,
     beam_search_dropping_finished,
     beam_search_drops_finished,
+    decodes_continuously,
     decodes_in_rounds,
+    generate_continuously,
     generate_in_rounds,
     with_note_grammar,
 )
@@ -223,6 +226,77 @@ def test_only_greedy_search_and_sampling_decode_in_rounds(rows_of_several_length
     assert not decodes_in_rounds({"num_beams": 4}, config)
     assert not decodes_in_rounds({"min_new_tokens": 3}, config)  # counted from the start of every call
     assert not decodes_in_rounds({"stopping_criteria": []}, config)
+
+
+def up_to_eos(row: torch.Tensor) -> torch.Tensor:
+    return row[row != TOKENIZER.pad_token_id]
+
+
+@pytest.mark.parametrize("pool_columns", [4, 16])
+@pytest.mark.parametrize("pool_size, expected_rows", [
+    (1, [1] * (28 * 2 + 31 * 2 + 39 * 2)),  # one window after the other
+    (2, [2] * (28 + 31 + 39)),  # windows 0-1 end together, 2-3 take their rows, then 4-5
+    (4, [4] * 31 + [2] * (28 + 39 - 31)),  # 4-5 take 0-1's rows at step 28; 2-3 end at 31 and leave the pool
+    (8, [6] * 28 + [4] * 3 + [2] * 8),  # all six at once; windows leave the pool as they end
+])
+def test_continuous_batching_gives_each_window_the_ids_of_generate(
+    rows_of_several_lengths, pool_size, expected_rows, pool_columns, monkeypatch
+):
+    model, encoder_outputs, grammar = rows_of_several_lengths
+    monkeypatch.setattr(generation, "POOL_COLUMNS", pool_columns)  # 4: the cache grows and shrinks many times
+    hidden = encoder_outputs.last_hidden_state
+    with torch.inference_mode():
+        one_call = model.generate(encoder_outputs=encoder_outputs, logits_processor=grammar, max_new_tokens=40)
+    rows = []
+    decoder = model.get_decoder()
+    forward = decoder.forward
+
+    def spy(input_ids, *args, **kwargs):
+        rows.append(input_ids.shape[0])
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", spy)
+    windows = ((hidden[index], f"window {index}") for index in range(len(hidden)))
+    out = list(generate_continuously(model, windows, pool_size, logits_processor=grammar, max_new_tokens=40))
+    assert [payload for _, payload in out] == [f"window {index}" for index in range(6)]  # in the input's order
+    for (ids, _), expected in zip(out, one_call):
+        assert torch.equal(ids, up_to_eos(expected))
+    assert rows == expected_rows  # every step decodes a full pool while windows are left
+
+
+def test_continuous_batching_keeps_to_max_new_tokens_and_checks_its_arguments(rows_of_several_lengths):
+    model, encoder_outputs, grammar = rows_of_several_lengths
+    hidden = encoder_outputs.last_hidden_state
+    with torch.inference_mode():
+        one_call = model.generate(encoder_outputs=encoder_outputs, logits_processor=grammar, max_new_tokens=7)
+    out = list(generate_continuously(model, ((row, None) for row in hidden), 4, logits_processor=grammar, max_new_tokens=7))
+    assert torch.equal(torch.stack([ids for ids, _ in out]), one_call)
+    assert list(generate_continuously(model, iter(()), 4)) == []
+    with pytest.raises(ValueError, match="pool_size must be >= 1, got 0"):
+        list(generate_continuously(model, ((row, None) for row in hidden), 0))
+    with pytest.raises(ValueError, match="greedy search: num_beams=1, do_sample=False; got 2 and None"):
+        list(generate_continuously(model, ((row, None) for row in hidden), 4, num_beams=2))
+
+
+def test_only_plain_greedy_search_decodes_continuously(rows_of_several_lengths):
+    config = rows_of_several_lengths[0].generation_config
+    assert decodes_continuously({}, config) and decodes_continuously({"max_new_tokens": 9, "logits_processor": []}, config)
+    assert not decodes_continuously({"do_sample": True}, config)
+    assert not decodes_continuously({"num_beams": 4}, config)
+    assert not decodes_continuously({"min_new_tokens": 3}, config)
+    assert not decodes_continuously({}, GenerationConfig(**{**config.to_dict(), "repetition_penalty": 1.2}))
+
+
+def test_transcription_decodes_greedy_search_continuously_with_the_ids_of_generate(tiny_model_dir, audio_files):
+    model = Sound2SheetForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    processor = Sound2SheetProcessor.from_pretrained(tiny_model_dir)
+    windows = list(processor.iter_windows(str(audio_files["flac"])))
+    inputs = processor.feature_extractor(windows, sampling_rate=processor.feature_extractor.sampling_rate, return_tensors="pt")
+    with torch.inference_mode():
+        expected = model.generate(inputs["input_values"], **with_note_grammar({}, TOKENIZER))
+    for ahead in (False, True):
+        rows = list(processor.generate_windows(windows, model, batch_size=2, bf16=False, encode_ahead=ahead))
+        assert rows == [up_to_eos(row)[1:].tolist() for row in expected]
 
 
 def test_generate_continues_from_the_cache_it_returned(rows_of_several_lengths):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -25,6 +26,7 @@ from sound2sheet.generation_sound2sheet import NoteEventGrammarLogitsProcessor
 from sound2sheet.processing_sound2sheet import (
     BATCH_SIZE,
     BEAM_BATCH_SIZE,
+    CONTINUOUS_POOL_SIZE,
     ONE_CALL_BATCH_SIZE,
     default_batch_size,
     add_missed_onsets,
@@ -125,7 +127,7 @@ def test_the_default_batch_follows_the_decoding_strategy(tiny_model_dir, monkeyp
     """Decoding that sets finished windows aside takes large batches (beam search: 4 rows per window, a bit smaller);
     one generate() call per batch takes small ones."""
     model = Sound2SheetForConditionalGeneration.from_pretrained(tiny_model_dir)
-    assert default_batch_size({}, model) == BATCH_SIZE == 48
+    assert default_batch_size({}, model) == CONTINUOUS_POOL_SIZE == 24  # greedy search: a pool, always full
     assert default_batch_size({"do_sample": True, "top_k": 5}, model) == BATCH_SIZE
     assert default_batch_size({"num_beams": 4}, model) == BEAM_BATCH_SIZE == 32
     assert default_batch_size({"num_beams": 4, "do_sample": True}, model) == ONE_CALL_BATCH_SIZE == 4
@@ -151,7 +153,8 @@ def test_encoding_ahead_gives_the_same_notes_in_two_threads_of_one_torch_thread(
     frame_model_dir, audio_files, monkeypatch, two_torch_threads
 ):
     """With 2 torch threads, the next batch is encoded in a background thread while the current one decodes, each
-    with 1 torch thread; the notes are those of encoding in turn, and torch's thread count comes back."""
+    with 1 torch thread; the notes are those of encoding in turn, and torch's thread count comes back. (Beam search:
+    decoded batch by batch; greedy search's continuous batching is the next test.)"""
     import sound2sheet.processing_sound2sheet as processing
 
     model = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir).eval()
@@ -167,12 +170,12 @@ def test_encoding_ahead_gives_the_same_notes_in_two_threads_of_one_torch_thread(
 
     monkeypatch.setattr(processing, "encode_windows", spy(processing.encode_windows, "encode"))
     monkeypatch.setattr(processing, "generate_from_encoder_outputs", spy(processing.generate_from_encoder_outputs, "decode"))
-    in_turn = processor.transcribe(audio_files["flac"], model, batch_size=1, encode_ahead=False)
+    in_turn = processor.transcribe(audio_files["flac"], model, batch_size=1, encode_ahead=False, num_beams=2)
     assert seen == [("encode", True, 2), ("decode", True, 2)] * 3  # 3 windows, one at a time, in the caller's thread
     assert in_turn and torch.get_num_threads() == 2
     seen.clear()
     assert resolve_encode_ahead(None, model)
-    assert processor.transcribe(audio_files["flac"], model, batch_size=1) == in_turn
+    assert processor.transcribe(audio_files["flac"], model, batch_size=1, num_beams=2) == in_turn
     # The first window has nothing to overlap with: encoded in the caller's thread with both threads. Then each
     # window is encoded in the background (1 thread) while the one before decodes (1 thread).
     assert seen[0] == ("encode", True, 2)
@@ -183,6 +186,39 @@ def test_encoding_ahead_gives_the_same_notes_in_two_threads_of_one_torch_thread(
     assert not resolve_encode_ahead(None, model) and resolve_encode_ahead(True, model)
 
 
+def test_continuous_batching_encodes_ahead_in_one_thread_while_the_pool_decodes_in_the_other(
+    frame_model_dir, audio_files, monkeypatch, two_torch_threads
+):
+    """Greedy search: the pool's first windows are encoded with both threads, then the rest in the background with
+    1 thread while the pool decodes with the other; the notes are those of encoding in turn."""
+    import sound2sheet.processing_sound2sheet as processing
+
+    model = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir).eval()
+    processor = Sound2SheetProcessor.from_pretrained(frame_model_dir)
+    seen = []
+
+    def spy(function, stage):
+        def wrapped(*args, **kwargs):
+            entry = (stage, threading.current_thread() is threading.main_thread(), torch.get_num_threads())
+            if not seen or seen[-1] != entry:  # a decoding step after another: one entry
+                seen.append(entry)
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(processing, "encode_windows", spy(processing.encode_windows, "encode"))
+    decoder = model.get_decoder()
+    monkeypatch.setattr(decoder, "forward", spy(decoder.forward, "decode"))
+    in_turn = processor.transcribe(audio_files["flac"], model, batch_size=1, encode_ahead=False)
+    # 3 windows, encoded 2 at a time (ENCODER_BATCH_SIZE), decoded one after the other in a pool of 1.
+    assert seen == [("encode", True, 2), ("decode", True, 2), ("encode", True, 2), ("decode", True, 2)]
+    seen.clear()
+    assert processor.transcribe(audio_files["flac"], model, batch_size=1) == in_turn
+    assert seen[0] == ("encode", True, 2)
+    assert set(seen[1:]) == {("decode", True, 1), ("encode", False, 1)}
+    assert torch.get_num_threads() == 2
+
+
 def test_an_error_while_encoding_ahead_comes_out_and_torch_threads_are_restored(frame_model_dir, two_torch_threads):
     model = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir).eval()
     processor = Sound2SheetProcessor.from_pretrained(frame_model_dir)
@@ -191,11 +227,21 @@ def test_an_error_while_encoding_ahead_comes_out_and_torch_threads_are_restored(
         yield piano_like(2.56, 16000)
         raise ValueError("broken.flac: not a sound file")
 
-    outputs = processor.generate_windows(windows(), model, batch_size=1, encode_ahead=True)
+    outputs = processor.generate_windows(windows(), model, batch_size=1, encode_ahead=True, num_beams=2)
     assert len(next(outputs)) > 0
     assert torch.get_num_threads() == 1  # shared out while the generator runs
     with pytest.raises(ValueError, match="broken.flac: not a sound file"):
         next(outputs)
+    assert torch.get_num_threads() == 2
+    # Greedy search reads 2 windows per encoder pass to fill its pool: the error comes out at once.
+    with pytest.raises(ValueError, match="broken.flac: not a sound file"):
+        list(processor.generate_windows(windows(), model, batch_size=1, encode_ahead=True))
+    assert torch.get_num_threads() == 2
+    two = [piano_like(2.56, 16000)] * 2
+    outputs = processor.generate_windows(itertools.chain(two, windows()), model, batch_size=1, encode_ahead=True)
+    assert len(next(outputs)) > 0 and torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="broken.flac: not a sound file"):
+        list(outputs)
     assert torch.get_num_threads() == 2
 
 
