@@ -42,18 +42,18 @@ ONSET_REACH = 0.25
 SUSTAIN_THRESHOLD = 0.3
 ADDED_ONSET_THRESHOLD = 0.35
 # Transcription batching, measured on 2 CPU cores (benchmarks/speed.py, benchmarks/transcribe_memory.py). Windows per
-# decoding batch: greedy search and sampling decode in rounds that set finished windows aside, so a large batch shares
-# each step's overhead among many rows (greedy, a 5-minute piece, 2 threads: 14.7x realtime with batches of 8 in one
-# generate() call each, 26.8x with 48 in rounds, 32.1x with the next batch encoded ahead; 128 was about 1.3x faster
-# than 48 in hand runs). But a batch holds about 1 MB per window (cross-attention keys and values): from 30 s to 10 min
-# of audio the peak grew 4-13 % with 48 (four runs), 5 % with 32, 26 % with 128, and 20-24 % with 48 encoding ahead
-# (three runs), whose encoder work is alive while a batch decodes. Beam search sets finished windows aside step by
-# step (4 beams, the same piece, 2 threads: CPU 77 s with batches of 4 in one generate() call each; set aside, 44 s
-# with 16, 34 s with 32 or 48, whose peaks were 611, 658 and 740 MB). Other options make one generate() call per batch,
-# which runs until its longest window ends: small batches.
+# decoding batch: sampling (and greedy search, before continuous batching) decodes in rounds that set finished windows
+# aside, so a large batch shares each step's overhead among many rows (greedy, a 5-minute piece, 2 threads: 14.7x
+# realtime with batches of 8 in one generate() call each, 26.8x with 48 in rounds, 32.1x with the next batch encoded
+# ahead; 128 was about 1.3x faster than 48 in hand runs). But a batch holds about 1 MB per window (cross-attention
+# keys and values): from 30 s to 10 min of audio the peak grew 4-13 % with 48 (four runs), 5 % with 32, 26 % with 128,
+# and 20-24 % with 48 encoding ahead (three runs), whose encoder work is alive while a batch decodes. Beam search sets
+# finished windows aside step by step (4 beams, the same piece, 2 threads: CPU 77 s with batches of 4 in one
+# generate() call each; set aside, 44 s with 16, 34 s with 32 or 48, whose peaks were 611, 658 and 740 MB). Other
+# options make one generate() call per batch, which runs until its longest window ends: small batches.
 # Greedy search decodes a stream of windows with continuous batching (`generate_continuously`): a pool of
 # CONTINUOUS_POOL_SIZE windows, each handing its row to the next window as it ends, so every step runs on a full pool.
-# 181 s of the test split, 2 threads, hand runs (two each): 4.2-5.8 s with 24, 4.6-5.3 s
+# 181 s of the test split, 2 threads, no encoding ahead, hand runs (two each): 4.2-5.8 s with 24, 4.6-5.3 s
 # with 48, 5.5-6.6 s with 16. With encoding ahead the decoder has one thread: 1.15x slower, but the CPU time is
 # 0.75x (benchmarks/speed.py on the 5-minute piece, two runs each); it stays on. Peak memory from 30 s to 10 min of
 # audio: +13.2 to +13.7 % with 24 (three runs; 1 window per encoder pass instead of 2: the same), +12.2 % with 16;
