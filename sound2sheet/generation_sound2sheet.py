@@ -22,6 +22,8 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput
 
+from .modeling_sound2sheet import current_time_steps
+
 T = TypeVar("T")
 
 #: `generate()` options under which `generate_in_rounds` equals a single `generate()` call (the others, such as
@@ -190,6 +192,15 @@ def with_note_grammar(generate_kwargs: dict[str, Any], tokenizer) -> dict[str, A
     return kwargs
 
 
+def eos_ids_and_limit(config, max_new_tokens: Optional[int]) -> tuple[torch.Tensor, int]:
+    """A generation config's EOS ids (1-D), and the longest sequence (decoder start included) that `max_new_tokens`
+    (default: the config's; without one, its `max_length`) allows."""
+    eos = config.eos_token_id
+    max_new_tokens = max_new_tokens or config.max_new_tokens
+    limit = 1 + max_new_tokens if max_new_tokens is not None else config.max_length
+    return torch.tensor([eos] if isinstance(eos, int) else list(eos)), limit
+
+
 def decodes_in_rounds(generate_kwargs: dict[str, Any], generation_config) -> bool:
     """Whether `generate_in_rounds` can run this decoding: one sequence per row (no beams) and only
     `ROUND_SAFE_OPTIONS`."""
@@ -212,11 +223,8 @@ def generate_in_rounds(
     if round_tokens < 1:
         raise ValueError(f"round_tokens must be >= 1, got {round_tokens}.")
     config = model.generation_config
-    eos = config.eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos))
     kwargs = dict(generate_kwargs)
-    max_new_tokens = kwargs.pop("max_new_tokens", None) or config.max_new_tokens
-    limit = 1 + max_new_tokens if max_new_tokens is not None else config.max_length  # decoder start included
+    eos_ids, limit = eos_ids_and_limit(config, kwargs.pop("max_new_tokens", None))
     hidden = encoder_outputs.last_hidden_state
     rows: list = [None] * hidden.shape[0]
     running = torch.arange(hidden.shape[0])
@@ -512,9 +520,6 @@ class PoolCache(Cache):
         self.width = POOL_COLUMNS
         self.positions = torch.zeros(0, dtype=torch.long)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.width - 1
-
 
 def generate_continuously(
     model,
@@ -551,17 +556,13 @@ def generate_continuously(
     if (num_beams or 1) != 1 or do_sample:
         raise ValueError(f"generate_continuously is greedy search: num_beams=1, do_sample=False; got {num_beams} and {do_sample}.")
     config = model.generation_config
-    eos = config.eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos))
-    max_new_tokens = max_new_tokens or config.max_new_tokens
-    limit = 1 + max_new_tokens if max_new_tokens is not None else config.max_length  # decoder start included
+    eos_ids, limit = eos_ids_and_limit(config, max_new_tokens)
     start, pad = config.decoder_start_token_id, config.pad_token_id if config.pad_token_id is not None else 0
-    time_offset, time_tokens = model.config.time_token_offset, model.config.num_time_tokens
     logits_processor = logits_processor or LogitsProcessorList()
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     device = model.device
     source = iter(windows)
-    done: dict[int, tuple[torch.Tensor, Any]] = {}
+    done: dict[int, torch.Tensor] = {}
     payloads: dict[int, Any] = {}
     taken = emitted = 0
 
@@ -590,8 +591,7 @@ def generate_continuously(
         window = torch.arange(len(first))  # the window each row decodes
         fed = torch.zeros(len(first), dtype=torch.long, device=device)  # tokens in the cache per row
         last = torch.full_like(fed, start)  # the token each row feeds next
-        times = torch.zeros_like(fed)  # the time step in force at that token
-        ids = last[:, None].clone()  # tokens so far per row, right-aligned
+        ids = last[:, None].clone()  # tokens so far per row, right-aligned (left of them: padding)
     del first
     while len(window):
         inference, autocast = steps()
@@ -603,15 +603,13 @@ def generate_continuously(
             mask = torch.arange(pool.width, device=device)[None] <= fed[:, None]
             hidden = decoder(
                 last[:, None], None, attention_mask=mask, past_key_values=cache, use_cache=True,
-                time_steps=times[:, None], position_ids=fed[:, None],
+                time_steps=current_time_steps(ids, model.config)[:, -1:], position_ids=fed[:, None],
             ).last_hidden_state
             scores = head(hidden[:, -1]).float()
             ids = ids[:, -needed:]
             chosen = logits_processor(ids, scores).argmax(dim=-1)
             ids = torch.cat([ids, chosen[:, None]], dim=1)
             fed, last = fed + 1, chosen
-            is_time = (chosen >= time_offset) & (chosen < time_offset + time_tokens)
-            times = torch.where(is_time, chosen - time_offset, times)
             ended = (torch.isin(chosen, eos_ids.to(device)) | (fed + 1 >= limit)).cpu()
             if bool(ended.any()):
                 rows = ended.nonzero()[:, 0]
@@ -623,7 +621,7 @@ def generate_continuously(
                     for layer, (keys, values) in zip(cross.layers, decoder.cross_attention_keys_values(torch.stack(new).to(device))):
                         layer.keys[given], layer.values[given] = keys, values
                     window[rows[: len(new)]] = torch.arange(taken - len(new), taken)
-                    fed[given], last[given], times[given] = 0, start, 0
+                    fed[given], last[given] = 0, start
                     ids[given] = pad
                     ids[given, -1] = start
                 if len(new) < len(rows):  # no window left for the others: out of the pool
@@ -633,7 +631,7 @@ def generate_continuously(
                     for layer in (*pool.layers, *cross.layers):
                         layer.batch_select_indices(keep.to(device))
                     on_device = keep.to(device)
-                    window, fed, last, times, ids = window[keep], fed[on_device], last[on_device], times[on_device], ids[on_device]
+                    window, fed, last, ids = window[keep], fed[on_device], last[on_device], ids[on_device]
         while emitted in done:
             yield done.pop(emitted), payloads.pop(emitted)
             emitted += 1

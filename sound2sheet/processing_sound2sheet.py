@@ -441,6 +441,22 @@ def in_background(items: Iterator[T]) -> Iterator[T]:
     return results()
 
 
+@contextmanager
+def made_ahead(items: Iterator[T], first: int, ahead: bool) -> Iterator[Iterator[T]]:
+    """With `ahead`, the items of `items`: the first `first` made at once with all of torch's threads (nothing to
+    overlap with yet), then each in a background thread while the caller works on the one before (`in_background`),
+    torch's threads shared out between the two for the duration of the block (`threads_shared_out`). Without it,
+    `items` as they are."""
+    head = list(itertools.islice(items, first)) if ahead else []
+    with threads_shared_out(ahead):
+        if not ahead:
+            yield items
+            return
+        items = itertools.chain(head, in_background(items))
+        del head  # the chain's iterator lets go of each item once it is taken
+        yield items
+
+
 def _batched(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -614,11 +630,7 @@ class Sound2SheetProcessor(ProcessorMixin):
             yield from self._generate_continuously(windows, model, batch_size, bf16, return_frames, ahead, generate_kwargs)
             return
         batches = self.encoded_batches(windows, model, batch_size, bf16, return_frames)
-        first = list(itertools.islice(batches, 1)) if ahead else []  # nothing to overlap with: made with all threads
-        with threads_shared_out(ahead):
-            if ahead:  # the next batch is made in the background while this one decodes
-                batches = itertools.chain(first, in_background(batches))
-                del first
+        with made_ahead(batches, 1, ahead) as batches:  # the next batch is made while this one decodes
             for encoded, frames in batches:
                 with torch.inference_mode(), cpu_autocast(bf16):
                     if encodes:
@@ -640,11 +652,7 @@ class Sound2SheetProcessor(ProcessorMixin):
                     yield encoded[index], None if frames is None else frames[index]
 
         source = one_by_one(self.encoded_batches(windows, model, ENCODER_BATCH_SIZE, bf16, return_frames))
-        first = list(itertools.islice(source, pool_size)) if ahead else []  # nothing to overlap with: all threads
-        with threads_shared_out(ahead):
-            if ahead:
-                source = itertools.chain(first, in_background(source))
-                del first
+        with made_ahead(source, pool_size, ahead) as source:
             for ids, frames in generate_continuously(model, source, pool_size, bf16=bf16, **generate_kwargs):
                 row = ids[1:].tolist()  # the decoder start dropped
                 yield (row, frames) if return_frames else row
