@@ -62,6 +62,30 @@ def current_time_steps(decoder_input_ids: torch.LongTensor, config: Sound2SheetC
     return torch.where(last >= 0, values, 0)
 
 
+def attend(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float,
+    is_causal: bool,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, computed in float32 for one bfloat16 query per row on the CPU (a decoding
+    step): PyTorch's CPU kernel takes 2-3.5x longer there in bfloat16 than casting the keys and values to float32 and
+    back (`benchmarks/attention_speed.py`), and is less exact. Other shapes keep the inputs' dtype (for long queries
+    the two cost the same)."""
+    single_step = query.shape[2] == 1 and query.dtype == torch.bfloat16 and query.device.type == "cpu"
+    if not single_step:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):  # CPU autocast would run it in bfloat16 again
+        attended = F.scaled_dot_product_attention(
+            query.float(), keys.float(), values.float(), attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal
+        )
+    return attended.to(query.dtype)
+
+
 class Sound2SheetAttention(nn.Module):
     """Multi-head attention of the note decoder: causal self-attention, or cross-attention to the encoder tokens.
 
@@ -129,14 +153,7 @@ class Sound2SheetAttention(nn.Module):
             bias = TIME_BIAS_SCALE * self.time_bias[:, time_buckets].transpose(0, 1)  # (batch, heads, queries, columns)
             attention_mask = bias.to(query.dtype)
         is_causal = not self.is_cross_attention and attention_mask is None and query.shape[2] > 1
-        attended = F.scaled_dot_product_attention(
-            query,
-            keys,
-            values,
-            attn_mask=attention_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )
+        attended = attend(query, keys, values, attention_mask, self.dropout if self.training else 0.0, is_causal)
         batch, _, length, _ = attended.shape
         return self.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))
 

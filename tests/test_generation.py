@@ -20,6 +20,7 @@ from sound2sheet.generation_sound2sheet import (
     decodes_in_rounds,
     generate_continuously,
     generate_in_rounds,
+    pool_rows,
     with_note_grammar,
 )
 from sound2sheet.notes import Note
@@ -237,7 +238,7 @@ def up_to_eos(row: torch.Tensor) -> torch.Tensor:
     (1, [1] * (28 * 2 + 31 * 2 + 39 * 2)),  # one window after the other
     (2, [2] * (28 + 31 + 39)),  # windows 0-1 end together, 2-3 take their rows, then 4-5
     (4, [4] * 31 + [2] * (28 + 39 - 31)),  # 4-5 take 0-1's rows at step 28; 2-3 end at 31 and leave the pool
-    (8, [6] * 28 + [4] * 3 + [2] * 8),  # all six at once; windows leave the pool as they end
+    (8, [6] * 31 + [3] * 8),  # all six at once; 0-1 end at 28 and idle, the pool halves when only 2-3 are left
 ])
 def test_continuous_batching_gives_each_window_the_ids_of_generate(
     rows_of_several_lengths, pool_size, expected_rows, pool_columns, monkeypatch
@@ -261,7 +262,18 @@ def test_continuous_batching_gives_each_window_the_ids_of_generate(
     assert [payload for _, payload in out] == [f"window {index}" for index in range(6)]  # in the input's order
     for (ids, _), expected in zip(out, one_call):
         assert torch.equal(ids, up_to_eos(expected))
-    assert rows == expected_rows  # every step decodes a full pool while windows are left
+    assert rows == expected_rows  # every step decodes a full pool while windows are left, then halves
+
+
+def test_a_pool_running_out_of_windows_halves_while_its_live_windows_fit():
+    assert [pool_rows(live, 24) for live in (24, 13, 12, 7, 6, 4, 3, 2, 1)] == [24, 24, 12, 12, 6, 6, 3, 3, 1]
+    assert [pool_rows(live, 3) for live in (3, 2, 1)] == [3, 3, 1] and pool_rows(1, 1) == 1
+    # One live window left in a pool of 24 passes through 24, 12, 6, 3, 1 rows, not through every size from 23 down.
+    sizes, rows = [], 24
+    for live in range(24, 0, -1):
+        rows = pool_rows(live, rows)
+        sizes.append(rows)
+    assert sorted(set(sizes), reverse=True) == [24, 12, 6, 3, 1]
 
 
 def test_continuous_batching_keeps_to_max_new_tokens_and_checks_its_arguments(rows_of_several_lengths):

@@ -17,7 +17,7 @@ from transformers import ASTConfig, ASTModel, AutoConfig, AutoModel, AutoModelFo
 from transformers.cache_utils import DynamicCache
 
 from sound2sheet import Sound2SheetConfig, Sound2SheetForConditionalGeneration, Sound2SheetModel
-from sound2sheet.modeling_sound2sheet import TIME_BIAS_BEHIND, current_time_steps, interpolate_position_embeddings, shift_tokens_right
+from sound2sheet.modeling_sound2sheet import TIME_BIAS_BEHIND, attend, current_time_steps, interpolate_position_embeddings, shift_tokens_right
 
 from .model_tester import TINY_FRAMES, TINY_MELS, Sound2SheetModelTester
 
@@ -706,3 +706,24 @@ def test_beam_search_reorders_only_the_self_attention_cache(tester, model, monke
     assert reordered and all(seen is cache.self_attention_cache for seen in reordered)
     rows = cache.cross_attention_cache.layers[0].keys
     assert rows.shape[0] == 2 * 3 and all(torch.equal(rows[3 * w], rows[3 * w + b]) for w in range(2) for b in range(3))
+
+
+def test_a_bfloat16_decoding_step_attends_in_float32_on_the_cpu():
+    generator = torch.Generator().manual_seed(0)
+    query, keys, values = (torch.randn(3, 2, length, 8, generator=generator).bfloat16() for length in (1, 5, 5))
+    bias = torch.randn(3, 2, 1, 5, generator=generator).bfloat16()
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False], [True, False, True, False, True]])[:, None, None]
+    for attention_mask in (bias, mask, None):
+        float_mask = attention_mask.float() if attention_mask is not None and attention_mask.is_floating_point() else attention_mask
+        expected = torch.nn.functional.scaled_dot_product_attention(query.float(), keys.float(), values.float(), attn_mask=float_mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as transcription runs it: autocast must not lower it again
+            attended = attend(query, keys, values, attention_mask, 0.0, False)
+        assert attended.dtype == torch.bfloat16 and torch.equal(attended, expected.bfloat16())
+    # Several queries (training, prompts) and float32 keep the stock kernel in the inputs' dtype.
+    queries = torch.randn(3, 2, 4, 8, generator=generator).bfloat16()
+    stock = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, is_causal=False)
+    assert torch.equal(attend(queries, keys, values, None, 0.0, False), stock)
+    assert torch.equal(
+        attend(query.float(), keys.float(), values.float(), mask, 0.0, False),
+        torch.nn.functional.scaled_dot_product_attention(query.float(), keys.float(), values.float(), attn_mask=mask),
+    )
