@@ -57,7 +57,9 @@ ADDED_ONSET_THRESHOLD = 0.35
 # with 48, 5.5-6.6 s with 16. With encoding ahead the decoder has one thread: 1.15x slower, but the CPU time is
 # 0.75x (benchmarks/speed.py on the 5-minute piece, two runs each); it stays on. Peak memory from 30 s to 10 min of
 # audio: +13.2 to +13.7 % with 24 (three runs; 1 window per encoder pass instead of 2: the same), +12.2 % with 16;
-# without encoding ahead +10.0 % with 24, +11.6 % with 32.
+# without encoding ahead +10.0 % with 24, +11.6 % with 32 (float32, AVX2 CPU). On an AVX512-BF16 CPU (bfloat16
+# autocast), after the pool halves as it runs out (`pool_rows`): +11.9 % and +9.2 % with 24, +8.6 % without encoding
+# ahead; greedy search there 45.6x realtime at 0.98x basic-pitch's CPU time (speed.py, 2 threads, one run).
 # Windows per feature/encoder pass: the encoder costs the same per window from 1 to 8 windows (1 or 2 threads), and
 # its activations are large; with encoding ahead they are alive while a batch decodes (10 min of audio, batch 48: peak
 # 591 MB with 8, 563 with 4, 539 with 2). Decoding steps per round.
