@@ -57,7 +57,8 @@ class TranscribeArguments:
     allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})
     bf16: Optional[bool] = field(
         default=None,
-        metadata={"help": "bfloat16 autocast on CPU: true/false (default: on exactly when the CPU has AMX or AVX512-BF16)."},
+        metadata={"help": "bfloat16 autocast on CPU for the whole model: true/false (default: for the encoder only, exactly when "
+                          "the CPU has AMX or AVX512-BF16; the decoder's small steps are faster in float32)."},
     )
     refine_notes: Optional[bool] = field(
         default=None,
@@ -563,7 +564,10 @@ def run_train(argv: List[str]) -> int:
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
-    # 10. evaluate
+    # 10. evaluate, decoding up to max_length again (beside the saved max_new_tokens, Seq2SeqTrainer would fill in
+    # max_length=20 and transformers would warn that both are set)
+    model.generation_config.max_new_tokens = None
+    model.generation_config.max_length = model.config.max_target_positions
     eval_metrics = trainer.evaluate(metric_key_prefix="eval") if len(eval_dataset) else {}
     if eval_metrics:
         trainer.log_metrics("eval", eval_metrics)
@@ -600,7 +604,9 @@ class EvaluateArguments:
         default=None, metadata={"help": "Windows decoded together (default: 48 for greedy/sample, 32 for beam; 8 for token accuracy)."}
     )
     bf16: Optional[bool] = field(
-        default=None, metadata={"help": "bfloat16 autocast on CPU: true/false (default: on exactly when the CPU has AMX or AVX512-BF16)."}
+        default=None,
+        metadata={"help": "bfloat16 autocast on CPU for the whole model: true/false (default: for the encoder only, exactly when "
+                          "the CPU has AMX or AVX512-BF16)."},
     )
     refine_notes: Optional[bool] = field(
         default=None,

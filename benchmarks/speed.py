@@ -2,7 +2,8 @@
 strategy and thread count, with basic-pitch 0.4.0 on the same files in the same run when it is installed.
 
     python benchmarks/speed.py [--model models/sound2sheet-piano-small] [--threads 1 2] [--repeats 3]
-                               [--strategies greedy beam sample] [--long-seconds 300] [--bf16 auto|on|off]
+                               [--strategies greedy beam sample] [--long-seconds 300]
+                               [--bf16 auto|on|encoder|off ...]
                                [--encode-ahead auto|on|off] [--no-basic-pitch]
 
 Files: the bundled example (examples/example_piano.flac) and a long piece of `--long-seconds` made by joining the
@@ -13,7 +14,8 @@ with the number of notes.
 Every (system, file, threads) runs in a fresh process, so its peak resident memory ("peak MB", the largest of its
 strategies, usually beam search) is its own. Inside it, one
 untimed transcription of the bundled example warms up, then each strategy transcribes the file `--repeats` times;
-the medians are printed. "CPU s/audio s" is the process's CPU time (all threads) per second of audio, "x realtime"
+the medians are printed. With several `--bf16` settings, Sound2Sheet runs once per setting, side by side, and
+each setting's greedy CPU time is printed as a ratio of the first's. "CPU s/audio s" is the process's CPU time (all threads) per second of audio, "x realtime"
 is audio seconds per wall-clock second. Ratios against basic-pitch and of beam against greedy come from the same run.
 basic-pitch runs through its ONNX model with onnxruntime limited to the same thread count
 (`pip install --no-deps basic-pitch==0.4.0 librosa resampy scikit-learn onnxruntime`).
@@ -34,14 +36,15 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from sound2sheet.processing_sound2sheet import cpu_has_fast_bf16
+from sound2sheet.processing_sound2sheet import BF16_ENCODER, cpu_has_fast_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import basic_pitch_system  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "example_piano.flac"
-BF16_CHOICES = AHEAD_CHOICES = {"auto": None, "on": True, "off": False}
+AHEAD_CHOICES = {"auto": None, "on": True, "off": False}
+BF16_CHOICES = {**AHEAD_CHOICES, "encoder": BF16_ENCODER}
 RATE = 16000  # the long file is written at the model's rate: its resampling is not what is measured
 
 
@@ -124,8 +127,9 @@ def main():
     parser.add_argument("--long-seconds", type=float, default=300.0, help="length of the long piece (0: skip it)")
     parser.add_argument("--manifest-dir", default=str(REPO / "data" / "piano-synth"))
     parser.add_argument("--split", default="test")
-    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                        help="bfloat16 autocast for Sound2Sheet (auto: as transcribe decides, on exactly with AMX/AVX512-BF16)")
+    parser.add_argument("--bf16", nargs="+", choices=sorted(BF16_CHOICES), default=["auto"],
+                        help="bfloat16 autocast for Sound2Sheet: on (encoder and decoder), encoder (only), off; auto: as "
+                             "transcribe decides (the encoder only, exactly with AMX/AVX512-BF16). Several: side by side")
     parser.add_argument("--encode-ahead", choices=sorted(AHEAD_CHOICES), default="auto",
                         help="encode windows in a background thread while others decode (auto: the library's default)")
     parser.add_argument("--no-basic-pitch", action="store_true", help="skip basic-pitch even when installed")
@@ -149,8 +153,9 @@ def main():
         if args.long_seconds > 0:
             path, origin = long_piece(args.long_seconds, args.manifest_dir, args.split, Path(folder))
             files.append((path, f"{args.long_seconds:g} s piece: {origin}"))
-        bf16 = cpu_has_fast_bf16() if args.bf16 == "auto" else args.bf16 == "on"
-        print(f"model {args.model}; batch size {args.batch_size or 'default (pool of 24 greedy, 48 sample, 32 beam)'}; bf16 autocast {'on' if bf16 else 'off'} (--bf16 {args.bf16}); "
+        auto = "encoder" if cpu_has_fast_bf16() else "off"
+        settings = ", ".join(f"{name} ({auto})" if name == "auto" else name for name in args.bf16)
+        print(f"model {args.model}; batch size {args.batch_size or 'default (pool of 16 greedy, 48 sample, 32 beam)'}; bf16 autocast {settings}; "
               f"encode ahead {args.encode_ahead}; "
               f"medians of {args.repeats} runs after a warm-up")
         for path, label in files:
@@ -158,24 +163,33 @@ def main():
             print(f"\n{label}, {seconds:.1f} s")
             print(f"{'system':<24}{'threads':>8}{'CPU s/audio s':>15}{'x realtime':>12}{'notes':>7}{'peak MB':>9}")
             for threads in args.threads:
-                rows = {}
-                for system in systems:
+                rows = {}  # (system, bf16 setting) -> strategy -> result
+                runs = [("sound2sheet", bf16) for bf16 in args.bf16] + [(system, None) for system in systems[1:]]
+                for system, bf16 in runs:
                     spec = {"system": system, "model": args.model, "audio": str(path), "threads": threads,
                             "strategies": args.strategies, "repeats": args.repeats, "batch_size": args.batch_size,
-                            "bf16": BF16_CHOICES[args.bf16], "encode_ahead": AHEAD_CHOICES[args.encode_ahead]}
+                            "bf16": BF16_CHOICES[bf16 or "auto"], "encode_ahead": AHEAD_CHOICES[args.encode_ahead]}
                     measured = run_child(spec)
+                    rows[system, bf16] = measured["results"]
                     for name, result in measured["results"].items():
-                        rows[name] = result
                         label_name = name if system == "basic-pitch" else f"sound2sheet {name}"
+                        if len(args.bf16) > 1 and bf16 is not None:
+                            label_name += f" [{bf16}]"
                         print(f"{label_name:<24}{threads:>8}{result['cpu'] / seconds:>15.4f}{seconds / result['wall']:>12.1f}"
                               f"{result['notes']:>7}{measured['peak_mb']:>9.0f}")
-                ratios = []
-                if "greedy" in rows and "beam" in rows:
-                    ratios.append(f"beam(4)/greedy CPU {rows['beam']['cpu'] / rows['greedy']['cpu']:.2f}x")
-                if "greedy" in rows and "basic-pitch" in rows:
-                    ratios.append(f"greedy/basic-pitch CPU {rows['greedy']['cpu'] / rows['basic-pitch']['cpu']:.2f}x")
-                if ratios:
-                    print(f"{'':<24}{threads:>8}  " + ", ".join(ratios))
+                basic_pitch = rows.get(("basic-pitch", None), {}).get("basic-pitch")
+                first = rows["sound2sheet", args.bf16[0]].get("greedy")
+                for bf16 in args.bf16:
+                    ours, ratios = rows["sound2sheet", bf16], []
+                    if "greedy" in ours and "beam" in ours:
+                        ratios.append(f"beam(4)/greedy CPU {ours['beam']['cpu'] / ours['greedy']['cpu']:.2f}x")
+                    if "greedy" in ours and basic_pitch:
+                        ratios.append(f"greedy/basic-pitch CPU {ours['greedy']['cpu'] / basic_pitch['cpu']:.2f}x")
+                    if "greedy" in ours and bf16 != args.bf16[0]:
+                        ratios.append(f"greedy CPU vs --bf16 {args.bf16[0]} {ours['greedy']['cpu'] / first['cpu']:.2f}x")
+                    if ratios:
+                        prefix = f"[{bf16}]" if len(args.bf16) > 1 else ""
+                        print(f"{prefix:<24}{threads:>8}  " + ", ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,13 @@ def load_audio(source: AudioSource, sampling_rate: int = SAMPLING_RATE, orig_sam
     if samples.shape[0] == 0:
         raise ValueError(f"{name}: the audio is empty (0 samples)")
     _check_finite(samples, name)
-    return _resample(_to_mono(samples), int(rate), sampling_rate)
+    resampled = _resample(_to_mono(samples), int(rate), sampling_rate)
+    if resampled.shape[0] == 0:  # e.g. a corrupt header claiming a rate of billions of Hz
+        raise ValueError(
+            f"{name}: {samples.shape[0]} samples at {int(rate)} Hz last less than one sample at {sampling_rate} Hz "
+            "(is the sample rate in its header right?)"
+        )
+    return resampled
 
 
 def iter_audio_windows(

@@ -523,9 +523,10 @@ class PoolCache(Cache):
 
 def pool_rows(live: int, rows: int) -> int:
     """Rows `generate_continuously` keeps for `live` windows in a pool of `rows`: halved while the live windows fit
-    (24 -> 12 -> 6 -> 3 -> 1), so that a pool running out of windows passes through few batch sizes. Under bfloat16
-    autocast, each new batch size makes oneDNN build kernels for every matrix product of the decoder and keep them in
-    its primitive cache: shrinking one row at a time would build them for every size from the pool's down."""
+    (16 -> 8 -> 4 -> 2 -> 1 for the default pool), so that a pool running out of windows passes through few batch
+    sizes. Under bfloat16 autocast, each new batch size makes oneDNN build kernels for every matrix product of the
+    decoder and keep them in its primitive cache: shrinking one row at a time would build them for every size from
+    the pool's down."""
     while rows > 1 and live <= rows // 2:
         rows //= 2
     return rows

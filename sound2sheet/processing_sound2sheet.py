@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 GENERATION_STRATEGIES = ("greedy", "beam", "sample")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute in bfloat16 natively
+BF16_ENCODER = "encoder"  # `transcribe(bf16=...)`: bfloat16 autocast for the encoder, the decoder in float32
 # Notes placed on the frame head (`refine_notes_with_frames`), settings chosen on the validation split of
 # data/piano-synth: a peak of the onset head counts from ONSET_THRESHOLD, a decoded onset moves at most ONSET_REACH
 # seconds to reach one, and a pitch sounds while its probability is at least SUSTAIN_THRESHOLD.
@@ -59,12 +60,17 @@ ADDED_ONSET_THRESHOLD = 0.35
 # audio: +13.2 to +13.7 % with 24 (three runs; 1 window per encoder pass instead of 2: the same), +12.2 % with 16;
 # without encoding ahead +10.0 % with 24, +11.6 % with 32 (float32, AVX2 CPU). On an AVX512-BF16 CPU (bfloat16
 # autocast), after the pool halves as it runs out (`pool_rows`): +11.9 % and +9.2 % with 24, +8.6 % without encoding
-# ahead; greedy search there 45.6x realtime at 0.98x basic-pitch's CPU time (speed.py, 2 threads, one run).
+# ahead; greedy search there 45.6x realtime at 0.98x basic-pitch's CPU time (speed.py, 2 threads, one run). With the
+# decoder in float32 (`resolve_bf16`: its keys and values take twice the memory) and every window encoded in the
+# background thread (`made_ahead`): +11.5 % and +14.7 % with 24, +10.8 % and +10.7 % with 16 before the second change;
+# after it, +5.0 % and +8.9 % with 16 and +8.3 % and +10.1 % with 20 (the 30 s baseline alone varies 459-476 MB).
+# Greedy search on the 5-minute piece, 2 threads: 0.0232 CPU s per audio s with 24 (0.83x basic-pitch's in the same
+# run, 52.7x realtime), 0.0248 with 16 (0.89x, 50.8x realtime): 16 keeps within 10 % at a 7 % CPU cost.
 # Windows per feature/encoder pass: the encoder costs the same per window from 1 to 8 windows (1 or 2 threads), and
 # its activations are large; with encoding ahead they are alive while a batch decodes (10 min of audio, batch 48: peak
 # 591 MB with 8, 563 with 4, 539 with 2). Decoding steps per round.
 BATCH_SIZE = 48
-CONTINUOUS_POOL_SIZE = 24
+CONTINUOUS_POOL_SIZE = 16
 BEAM_BATCH_SIZE = 32
 ONE_CALL_BATCH_SIZE = 4
 ENCODER_BATCH_SIZE = 2
@@ -85,11 +91,22 @@ def cpu_has_fast_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
-def use_bf16(bf16: Optional[bool], model) -> bool:
-    """The autocast decision: `bf16` if given, else bfloat16 exactly when the model runs on a CPU that has it natively."""
+def resolve_bf16(bf16: Union[bool, str, None], model) -> Tuple[bool, bool]:
+    """Where `transcribe` runs bfloat16 CPU autocast: (the encoder, the decoder).
+
+    `bf16=True`: both; False: neither; `BF16_ENCODER` ("encoder"): the encoder only. None: the encoder only, and
+    exactly when the model runs on a CPU that computes bfloat16 natively (`cpu_has_fast_bf16`). The encoder's large
+    matrix products run faster there (`benchmarks/model_speed.py`); the decoder's one-token steps run faster in
+    float32: under autocast each step converts weights and cached keys and values, which costs more than the
+    products save (`benchmarks/speed.py --bf16 on|auto`). A model on another device: neither.
+    """
+    if not (bf16 is None or isinstance(bf16, bool) or bf16 == BF16_ENCODER):
+        raise ValueError(f"bf16 must be True, False, None or {BF16_ENCODER!r}; got {bf16!r}.")
     if model.device.type != "cpu":
-        return False
-    return cpu_has_fast_bf16() if bf16 is None else bool(bf16)
+        return False, False
+    if bf16 is None:
+        bf16 = BF16_ENCODER if cpu_has_fast_bf16() else False
+    return bool(bf16), bf16 is True
 
 
 def strategy_generate_kwargs(
@@ -444,19 +461,15 @@ def in_background(items: Iterator[T]) -> Iterator[T]:
 
 
 @contextmanager
-def made_ahead(items: Iterator[T], first: int, ahead: bool) -> Iterator[Iterator[T]]:
-    """With `ahead`, the items of `items`: the first `first` made at once with all of torch's threads (nothing to
-    overlap with yet), then each in a background thread while the caller works on the one before (`in_background`),
-    torch's threads shared out between the two for the duration of the block (`threads_shared_out`). Without it,
-    `items` as they are."""
-    head = list(itertools.islice(items, first)) if ahead else []
+def made_ahead(items: Iterator[T], ahead: bool) -> Iterator[Iterator[T]]:
+    """With `ahead`, the items of `items`, each made in a background thread while the caller works on the one before
+    (`in_background`), torch's threads shared out between the two for the duration of the block
+    (`threads_shared_out`). The first items are made there too, while the caller waits: the encoder's per-thread
+    working memory (oneDNN scratchpads, FFT buffers) then lives in one thread, not in both, which keeps the peak of
+    long audio closer to that of short audio (`benchmarks/transcribe_memory.py`). Without `ahead`, `items` as they
+    are."""
     with threads_shared_out(ahead):
-        if not ahead:
-            yield items
-            return
-        items = itertools.chain(head, in_background(items))
-        del head  # the chain's iterator lets go of each item once it is taken
-        yield items
+        yield in_background(items) if ahead else items
 
 
 def _batched(items: Iterable, size: int) -> Iterator[list]:
@@ -572,6 +585,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         batch_size: int,
         bf16: bool = False,
         return_frames: bool = False,
+        float_outputs: bool = False,
     ) -> Iterator[Tuple[torch.Tensor, Optional[np.ndarray]]]:
         """Batches of up to `batch_size` windows ready to decode: (their encoder outputs, or their `input_values` for
         a model without `get_encoder`; with `return_frames`, the frame head's (windows, columns, 256) probabilities).
@@ -581,6 +595,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         batch keeps goes into buffers made once per batch: kept chunk by chunk between the encoder's large temporaries,
         it would fragment the heap and raise the peak. Inference mode and bfloat16 autocast (with `bf16`) are entered
         per batch: both are per thread, and the batches may be made in another thread than the one decoding them.
+        With `float_outputs`, the encoder outputs are kept in float32 (for a decoder that runs outside autocast).
         """
         rate = self.feature_extractor.sampling_rate
         encodes = hasattr(model, "get_encoder")
@@ -593,6 +608,8 @@ class Sound2SheetProcessor(ProcessorMixin):
                     output = input_values.to(model.device)
                     if encodes:
                         output = encode_windows(model, output).last_hidden_state
+                        if float_outputs:
+                            output = output.float()
                     if encoded is None:
                         encoded = output.new_empty((batch_size, *output.shape[1:]))
                     encoded[count : count + len(chunk)] = output
@@ -611,7 +628,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         windows: Iterable[np.ndarray],
         model,
         batch_size: Optional[int] = None,
-        bf16: Optional[bool] = None,
+        bf16: Union[bool, str, None] = None,
         return_frames: bool = False,
         encode_ahead: Optional[bool] = None,
         **generate_kwargs,
@@ -624,17 +641,20 @@ class Sound2SheetProcessor(ProcessorMixin):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         generate_kwargs = with_note_grammar(generate_kwargs, self.tokenizer)
         batch_size = batch_size or default_batch_size(generate_kwargs, model)
-        bf16 = use_bf16(bf16, model)
+        encoder_bf16, decoder_bf16 = resolve_bf16(bf16, model)
         encodes = hasattr(model, "get_encoder")
         continuous = encodes and decodes_continuously(generate_kwargs, getattr(model, "generation_config", None))
         ahead = resolve_encode_ahead(encode_ahead, model)
         if continuous:
-            yield from self._generate_continuously(windows, model, batch_size, bf16, return_frames, ahead, generate_kwargs)
+            yield from self._generate_continuously(
+                windows, model, batch_size, (encoder_bf16, decoder_bf16), return_frames, ahead, generate_kwargs
+            )
             return
-        batches = self.encoded_batches(windows, model, batch_size, bf16, return_frames)
-        with made_ahead(batches, 1, ahead) as batches:  # the next batch is made while this one decodes
+        batches = self.encoded_batches(windows, model, batch_size, encoder_bf16, return_frames, not decoder_bf16)
+        with made_ahead(batches, ahead) as batches:  # the next batch is made while this one decodes
             for encoded, frames in batches:
-                with torch.inference_mode(), cpu_autocast(bf16):
+                # a model without `get_encoder` runs whole, under the encoder's setting
+                with torch.inference_mode(), cpu_autocast(decoder_bf16 if encodes else encoder_bf16):
                     if encodes:
                         encoder_outputs = BaseModelOutput(last_hidden_state=encoded)
                         sequences = generate_from_encoder_outputs(model, encoder_outputs, **generate_kwargs)
@@ -646,16 +666,20 @@ class Sound2SheetProcessor(ProcessorMixin):
 
     def _generate_continuously(self, windows, model, pool_size, bf16, return_frames, ahead, generate_kwargs):
         """`generate_windows` by greedy search with continuous batching (`generate_continuously`): windows are encoded
-        `ENCODER_BATCH_SIZE` at a time (with `ahead`, in a background thread once the pool's first windows are in)."""
+        `ENCODER_BATCH_SIZE` at a time (with `ahead`, all of them in a background thread).
+        `bf16`: (bfloat16 autocast for the encoder, for the decoder)."""
+        encoder_bf16, decoder_bf16 = bf16
 
         def one_by_one(batches):
             for encoded, frames in batches:
                 for index in range(len(encoded)):
                     yield encoded[index], None if frames is None else frames[index]
 
-        source = one_by_one(self.encoded_batches(windows, model, ENCODER_BATCH_SIZE, bf16, return_frames))
-        with made_ahead(source, pool_size, ahead) as source:
-            for ids, frames in generate_continuously(model, source, pool_size, bf16=bf16, **generate_kwargs):
+        source = one_by_one(
+            self.encoded_batches(windows, model, ENCODER_BATCH_SIZE, encoder_bf16, return_frames, not decoder_bf16)
+        )
+        with made_ahead(source, ahead) as source:
+            for ids, frames in generate_continuously(model, source, pool_size, bf16=decoder_bf16, **generate_kwargs):
                 row = ids[1:].tolist()  # the decoder start dropped
                 yield (row, frames) if return_frames else row
 
@@ -667,7 +691,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         batch_size: Optional[int] = None,
         midi_path: Optional[str | os.PathLike] = None,
         progress: bool = False,
-        bf16: Optional[bool] = None,
+        bf16: Union[bool, str, None] = None,
         refine_notes: Optional[bool] = None,
         encode_ahead: Optional[bool] = None,
         **generate_kwargs: Any,
@@ -678,26 +702,29 @@ class Sound2SheetProcessor(ProcessorMixin):
             audio: a file path (WAV/FLAC/OGG, any rate and channel count) or an array (at `sampling_rate`).
             model: a [`Sound2SheetForConditionalGeneration`].
             batch_size: windows decoded together; memory grows with it, not with the audio length. None (default):
-                `default_batch_size` (a pool of 24 windows for greedy search, which decodes with continuous batching,
+                `default_batch_size` (a pool of 16 windows for greedy search, which decodes with continuous batching,
                 `generate_continuously`; 48 for sampling, 32 for beam search).
             midi_path: also write the notes to this MIDI file.
             progress: show a progress bar over the windows.
-            bf16: run the model under bfloat16 autocast on CPU. None (default): exactly when the CPU computes
-                bfloat16 natively (AMX or AVX512-BF16; `cpu_has_fast_bf16`), where it is faster; elsewhere PyTorch
-                emulates it and float32 is faster. The notes match float32's up to near-ties, which flip; how
-                often depends on the model (`benchmarks/bf16_agreement.py`).
+            bf16: bfloat16 autocast on CPU: True runs the whole model under it, "encoder" only the encoder (the
+                decoder in float32), False neither. None (default): "encoder" where the CPU computes bfloat16
+                natively (AMX or AVX512-BF16; `cpu_has_fast_bf16`), else False: PyTorch emulates bfloat16 there
+                and float32 is faster. Why the decoder stays in float32: `resolve_bf16`. The notes match
+                float32's up to near-ties, which flip; how often depends on the model
+                (`benchmarks/bf16_agreement.py`).
             refine_notes: place the decoded notes on the model's frame head (`refine_notes_with_frames`: onsets on
                 its onset peaks, dropping the notes it does not support; its sure onsets that no decoded note took
                 added as notes; offsets where it stops hearing the pitch). None (default): exactly when the model has
                 a frame head (`model.has_frame_head`).
-            encode_ahead: read, featurise and encode the next batch of windows in a background thread while the
-                current batch decodes, with torch's threads (`torch.get_num_threads()`) shared out between the two
-                (half each) for the duration of the call and restored on return. None (default): exactly when the
-                model runs on a CPU and torch has 2 or more threads. On 2 cores, greedy search on a 5-minute piece
-                then costs about the CPU time of 1 thread; without it, it runs about 1.15x faster for 1.35x the CPU
-                time (`benchmarks/speed.py --encode-ahead on|off`), and its peak memory is lower
-                (`benchmarks/transcribe_memory.py`). It changes torch's process-wide thread count
-                while it runs: pass False if other threads of the process use torch meanwhile.
+            encode_ahead: read, featurise and encode the windows in a background thread (all of them: the first
+                while this thread waits, each next one while the ones before decode), with torch's threads
+                (`torch.get_num_threads()`) shared out between the two (half each) for the duration of the call and
+                restored on return. None (default): exactly when the model runs on a CPU and torch has 2 or more
+                threads. On 2 cores, greedy search on a 5-minute piece then costs about the CPU time of 1 thread;
+                without it, it runs about 1.15x faster for 1.35x the CPU time (`benchmarks/speed.py --encode-ahead
+                on|off`), and its peak memory is lower (`benchmarks/transcribe_memory.py`). It changes torch's
+                process-wide thread count while it runs: pass False if other threads of the process use torch
+                meanwhile.
             generate_kwargs: decoding options for `model.generate()` (`num_beams`, `do_sample`, `temperature`, `top_k`,
                 `top_p`, `max_new_tokens`, `logits_processor`, ...); see `strategy_generate_kwargs` for named
                 strategies. Decoding keeps to the tokenizer's note-event grammar (`NoteEventGrammarLogitsProcessor`:
@@ -746,6 +773,8 @@ __all__ = [
     "Sound2SheetProcessor",
     "strategy_generate_kwargs",
     "cpu_has_fast_bf16",
+    "resolve_bf16",
+    "BF16_ENCODER",
     "onset_peaks",
     "place_notes_on_onsets",
     "add_missed_onsets",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 
@@ -127,7 +128,7 @@ def test_the_default_batch_follows_the_decoding_strategy(tiny_model_dir, monkeyp
     """Decoding that sets finished windows aside takes large batches (beam search: 4 rows per window, a bit smaller);
     one generate() call per batch takes small ones."""
     model = Sound2SheetForConditionalGeneration.from_pretrained(tiny_model_dir)
-    assert default_batch_size({}, model) == CONTINUOUS_POOL_SIZE == 24  # greedy search: a pool, always full
+    assert default_batch_size({}, model) == CONTINUOUS_POOL_SIZE == 16  # greedy search: a pool, always full
     assert default_batch_size({"do_sample": True, "top_k": 5}, model) == BATCH_SIZE
     assert default_batch_size({"num_beams": 4}, model) == BEAM_BATCH_SIZE == 32
     assert default_batch_size({"num_beams": 4, "do_sample": True}, model) == ONE_CALL_BATCH_SIZE == 4
@@ -176,10 +177,10 @@ def test_encoding_ahead_gives_the_same_notes_in_two_threads_of_one_torch_thread(
     seen.clear()
     assert resolve_encode_ahead(None, model)
     assert processor.transcribe(audio_files["flac"], model, batch_size=1, num_beams=2) == in_turn
-    # The first window has nothing to overlap with: encoded in the caller's thread with both threads. Then each
-    # window is encoded in the background (1 thread) while the one before decodes (1 thread).
-    assert seen[0] == ("encode", True, 2)
-    assert sorted(seen[1:]) == [("decode", True, 1)] * 3 + [("encode", False, 1)] * 2
+    # Every window is encoded in the background (1 thread), the first too (the caller waits for it), each next one
+    # while the one before decodes in the caller's thread (1 thread).
+    assert seen[0] == ("encode", False, 1)
+    assert sorted(seen) == [("decode", True, 1)] * 3 + [("encode", False, 1)] * 3
     assert seen[1:3] in ([("encode", False, 1), ("decode", True, 1)], [("decode", True, 1), ("encode", False, 1)])
     assert torch.get_num_threads() == 2
     torch.set_num_threads(1)  # one torch thread: nothing to share out, windows are encoded in turn
@@ -189,8 +190,8 @@ def test_encoding_ahead_gives_the_same_notes_in_two_threads_of_one_torch_thread(
 def test_continuous_batching_encodes_ahead_in_one_thread_while_the_pool_decodes_in_the_other(
     frame_model_dir, audio_files, monkeypatch, two_torch_threads
 ):
-    """Greedy search: the pool's first windows are encoded with both threads, then the rest in the background with
-    1 thread while the pool decodes with the other; the notes are those of encoding in turn."""
+    """Greedy search: all windows are encoded in the background with 1 thread, the pool's first ones too, while the
+    pool decodes with the other; the notes are those of encoding in turn."""
     import sound2sheet.processing_sound2sheet as processing
 
     model = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir).eval()
@@ -214,8 +215,8 @@ def test_continuous_batching_encodes_ahead_in_one_thread_while_the_pool_decodes_
     assert seen == [("encode", True, 2), ("decode", True, 2), ("encode", True, 2), ("decode", True, 2)]
     seen.clear()
     assert processor.transcribe(audio_files["flac"], model, batch_size=1) == in_turn
-    assert seen[0] == ("encode", True, 2)
-    assert set(seen[1:]) == {("decode", True, 1), ("encode", False, 1)}
+    assert seen[0] == ("encode", False, 1)
+    assert set(seen) == {("decode", True, 1), ("encode", False, 1)}
     assert torch.get_num_threads() == 2
 
 
@@ -369,16 +370,32 @@ def test_cpu_bf16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
     assert cpu_has_fast_bf16(tmp_path / "missing") is False
 
 
-@pytest.mark.parametrize("bf16, native, expected", [(None, False, torch.float32), (None, True, torch.bfloat16),
-                                                    (True, False, torch.bfloat16), (False, True, torch.float32)])
-def test_transcribe_uses_bf16_when_asked_or_when_the_cpu_has_it(tiny_model_dir, audio_files, monkeypatch, bf16, native, expected):
+@pytest.mark.parametrize(
+    "bf16, native, encoder, decoder",
+    [(None, False, torch.float32, torch.float32), (None, True, torch.bfloat16, torch.float32),
+     (True, False, torch.bfloat16, torch.bfloat16), (False, True, torch.float32, torch.float32),
+     ("encoder", False, torch.bfloat16, torch.float32)],
+)
+@pytest.mark.parametrize("num_beams", [1, 2])  # continuous batching, and generate() in batches
+def test_transcribe_uses_bf16_where_asked_or_for_the_encoder_where_the_cpu_has_it(
+    tiny_model_dir, audio_files, monkeypatch, bf16, native, encoder, decoder, num_beams
+):
     model = Sound2SheetForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
     processor = Sound2SheetProcessor.from_pretrained(tiny_model_dir)
     monkeypatch.setattr("sound2sheet.processing_sound2sheet.cpu_has_fast_bf16", lambda: native)
-    seen = []
-    model.lm_head.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
-    processor.transcribe(str(audio_files["wav"]), model, bf16=bf16, max_new_tokens=2)
-    assert seen and set(seen) == {expected}
+    seen = {"encoder": set(), "decoder": set()}
+    model.get_encoder().projection.register_forward_hook(lambda module, args, output: seen["encoder"].add(output.dtype))
+    model.lm_head.register_forward_hook(lambda module, args, output: seen["decoder"].add(output.dtype))
+    processor.transcribe(str(audio_files["wav"]), model, bf16=bf16, max_new_tokens=2, num_beams=num_beams)
+    assert seen == {"encoder": {encoder}, "decoder": {decoder}}
+
+
+@pytest.mark.parametrize("bf16", ["decoder", "true", 1.0])
+def test_transcribe_rejects_an_unknown_bf16_setting(tiny_model_dir, audio_files, bf16):
+    model = Sound2SheetForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    processor = Sound2SheetProcessor.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"bf16 must be True, False, None or 'encoder'; got " + re.escape(repr(bf16))):
+        processor.transcribe(str(audio_files["wav"]), model, bf16=bf16, max_new_tokens=2)
 
 
 def test_cli_bf16_flag_alone_means_true_and_absent_means_automatic(run_transcription):

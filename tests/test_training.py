@@ -52,6 +52,10 @@ def test_training_end_to_end(run_transcription, dataset, tmp_path):
     code = train(run_transcription, dataset, out, "--num_train_epochs", "4", "--eval_strategy", "epoch", "--save_strategy", "epoch",
                  "--save_total_limit", "2", "--load_best_model_at_end", "--metric_for_best_model", "loss")
     assert code == 0
+    # the saved model carries the user-facing decoding limit (max_new_tokens), not the training-time max_length
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert saved["max_new_tokens"] == json.loads((out / "config.json").read_text())["max_target_positions"] - 1
+    assert "max_length" not in saved
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert sum(losses[-4:]) / 4 < 0.92 * sum(losses[:4]) / 4  # the loss falls (seeded run: about 0.86)
