@@ -20,8 +20,9 @@ from sound2sheet.metrics import note_metrics
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = REPO_ROOT / "models" / "sound2sheet-piano-small"
 EXAMPLE = REPO_ROOT / "examples" / "example_piano.flac"
-# F1 of the shipped model on the bundled example against its MIDI, measured when it shipped (greedy, fp32, notes placed
-# on the frame head): onset 0.815, onset+offset 0.630; with the decoder's own times 0.583 and 0.110.
+# F1 of the shipped model on the bundled example against its MIDI, measured when it shipped (stage 7; greedy, fp32,
+# notes placed on the frame head): onset 0.759, onset+offset 0.611; with the decoder's own times 0.651 and 0.217
+# (stage 6: 0.815 and 0.630; 0.583 and 0.110).
 ONSET_F1_FLOOR = 0.7
 ONSET_OFFSET_F1_FLOOR = 0.5
 
@@ -56,10 +57,10 @@ def test_the_bundled_example_is_transcribed_with_its_notes(shipped):
     reference = read_midi(EXAMPLE.with_suffix(".mid"))
     scores = note_metrics(reference, processor.transcribe(str(EXAMPLE), model, bf16=False))
     assert scores["onset_f1"] >= ONSET_F1_FLOOR and scores["onset_offset_f1"] >= ONSET_OFFSET_F1_FLOOR
-    # The frame head places the notes by default; the decoder's own times are much worse.
+    # The frame head places the notes by default; the decoder's own times are worse, its offsets much worse.
     decoder_times = note_metrics(reference, processor.transcribe(str(EXAMPLE), model, bf16=False, refine_notes=False))
-    assert scores["onset_f1"] > decoder_times["onset_f1"] + 0.1
-    assert scores["onset_offset_f1"] > decoder_times["onset_offset_f1"] + 0.1
+    assert scores["onset_f1"] > decoder_times["onset_f1"] + 0.05
+    assert scores["onset_offset_f1"] > decoder_times["onset_offset_f1"] + 0.2
 
 
 def test_decoding_keeps_to_the_note_grammar_and_ends_every_window(shipped):
@@ -106,6 +107,9 @@ def test_the_pipeline_gives_the_same_notes_as_the_processor(shipped):
 def test_bf16_gives_the_notes_of_fp32_up_to_rare_near_ties(shipped):
     model, processor = shipped
     fp32 = processor.transcribe(str(EXAMPLE), model, bf16=False)
-    bf16 = processor.transcribe(str(EXAMPLE), model, bf16=True)
-    # 0.945 when the model shipped (benchmarks/bf16_agreement.py; 0.832 on the decoder's own times)
-    assert fp32 and note_metrics(fp32, bf16)["onset_f1"] >= 0.9
+    encoder_only = processor.transcribe(str(EXAMPLE), model, bf16="encoder")
+    everywhere = processor.transcribe(str(EXAMPLE), model, bf16=True)
+    # benchmarks/bf16_agreement.py on an AVX512-BF16 CPU: 1.000 with the encoder in bf16 (the default there), 0.913
+    # with the whole model: the decoder's near-ties flip more (stage 6: 0.989 and 0.911)
+    assert fp32 and note_metrics(fp32, encoder_only)["onset_f1"] >= 0.95
+    assert note_metrics(fp32, everywhere)["onset_f1"] >= 0.9
