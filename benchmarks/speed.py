@@ -15,8 +15,8 @@ Every (system, file, threads) runs in a fresh process, so its peak resident memo
 strategies, usually beam search) is its own. Inside it, one
 untimed transcription of the bundled example warms up, then each strategy transcribes the file `--repeats` times;
 the medians are printed. With several `--bf16` settings, Sound2Sheet runs once per setting, side by side, and
-each setting's greedy CPU time is printed as a ratio of the first's. "CPU s/audio s" is the process's CPU time (all threads) per second of audio, "x realtime"
-is audio seconds per wall-clock second. Ratios against basic-pitch and of beam against greedy come from the same run.
+each setting's greedy CPU time is printed as a ratio of the first's. "CPU s/audio s" is the process's CPU time (all
+threads) per second of audio, "x realtime" is audio seconds per wall-clock second. Ratios against basic-pitch and of beam against greedy come from the same run.
 basic-pitch runs through its ONNX model with onnxruntime limited to the same thread count
 (`pip install --no-deps basic-pitch==0.4.0 librosa resampy scikit-learn onnxruntime`).
 """
@@ -135,6 +135,7 @@ def main():
     parser.add_argument("--no-basic-pitch", action="store_true", help="skip basic-pitch even when installed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.bf16 = list(dict.fromkeys(args.bf16))  # each setting once, in the order given
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
