@@ -6,7 +6,8 @@ For each file (default: the bundled example), transcribes greedily in float32 an
 encoder only (`bf16="encoder"`, the default where the CPU computes bfloat16 natively) and for the whole model
 (`bf16=True`), with the notes placed on the frame head (the default) and with the decoder's own times
 (`refine_notes=False`), and prints the onset F1 and onset+offset F1 (mir_eval) of the bf16 notes against the fp32
-ones, with both note counts. 1.0 means the same notes. On a CPU without AMX or AVX512-BF16, PyTorch emulates bfloat16: the figures hold, the speed does not.
+ones, with both note counts. 1.0 means the same notes. On a CPU without AMX or AVX512-BF16, PyTorch emulates
+bfloat16: the figures hold, the speed does not.
 """
 
 from __future__ import annotations

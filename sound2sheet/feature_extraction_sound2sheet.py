@@ -112,9 +112,9 @@ def load_audio(source: AudioSource, sampling_rate: int = SAMPLING_RATE, orig_sam
     _check_finite(samples, name)
     resampled = _resample(_to_mono(samples), int(rate), sampling_rate)
     if resampled.shape[0] == 0:  # e.g. a corrupt header claiming a rate of billions of Hz
+        hint = " (is the sample rate in its header right?)" if isinstance(source, (str, os.PathLike)) else ""
         raise ValueError(
-            f"{name}: {samples.shape[0]} samples at {int(rate)} Hz last less than one sample at {sampling_rate} Hz "
-            "(is the sample rate in its header right?)"
+            f"{name}: {samples.shape[0]} samples at {int(rate)} Hz last less than one sample at {sampling_rate} Hz{hint}"
         )
     return resampled
 
