@@ -452,6 +452,14 @@ def load_split_pieces(manifest_dir: str, split: str, cache_dir: Optional[str] = 
         raise UsageError(str(err)) from None
 
 
+def decode_to_max_length(model) -> None:
+    """Make the model's generation config decode up to `max_length` (the model's target positions), as the
+    trainer's evaluations need: Seq2SeqTrainer fills unset generation options with transformers' defaults
+    (max_length=20) in the model's own generation config, and beside a `max_new_tokens` that would warn."""
+    model.generation_config.max_new_tokens = None
+    model.generation_config.max_length = model.config.max_target_positions
+
+
 def run_train(argv: List[str]) -> int:
     import torch
     import transformers
@@ -506,10 +514,7 @@ def run_train(argv: List[str]) -> int:
     feature_extractor, tokenizer = processor.feature_extractor, processor.tokenizer
     if len(tokenizer) != model.config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
-    # During training, decode up to max_length: Seq2SeqTrainer fills unset generation options with transformers'
-    # defaults (max_length=20) in the model's own generation config. The user-facing default is restored after.
-    model.generation_config.max_new_tokens = None
-    model.generation_config.max_length = model.config.max_target_positions
+    decode_to_max_length(model)  # during training; the user-facing default is restored before saving
 
     # 7. windows
     with training_args.main_process_first(desc="reading manifests"):
@@ -566,8 +571,7 @@ def run_train(argv: List[str]) -> int:
 
     # 10. evaluate, decoding up to max_length again (beside the saved max_new_tokens, Seq2SeqTrainer would fill in
     # max_length=20 and transformers would warn that both are set)
-    model.generation_config.max_new_tokens = None
-    model.generation_config.max_length = model.config.max_target_positions
+    decode_to_max_length(model)
     eval_metrics = trainer.evaluate(metric_key_prefix="eval") if len(eval_dataset) else {}
     if eval_metrics:
         trainer.log_metrics("eval", eval_metrics)

@@ -647,7 +647,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         ahead = resolve_encode_ahead(encode_ahead, model)
         if continuous:
             yield from self._generate_continuously(
-                windows, model, batch_size, (encoder_bf16, decoder_bf16), return_frames, ahead, generate_kwargs
+                windows, model, batch_size, encoder_bf16, decoder_bf16, return_frames, ahead, generate_kwargs
             )
             return
         batches = self.encoded_batches(windows, model, batch_size, encoder_bf16, return_frames, not decoder_bf16)
@@ -664,11 +664,12 @@ class Sound2SheetProcessor(ProcessorMixin):
                 rows = [row[1:] for row in sequences.tolist()]  # drop the decoder start token
                 yield from zip(rows, frames) if return_frames else rows
 
-    def _generate_continuously(self, windows, model, pool_size, bf16, return_frames, ahead, generate_kwargs):
+    def _generate_continuously(
+        self, windows, model, pool_size, encoder_bf16, decoder_bf16, return_frames, ahead, generate_kwargs
+    ):
         """`generate_windows` by greedy search with continuous batching (`generate_continuously`): windows are encoded
-        `ENCODER_BATCH_SIZE` at a time (with `ahead`, all of them in a background thread).
-        `bf16`: (bfloat16 autocast for the encoder, for the decoder)."""
-        encoder_bf16, decoder_bf16 = bf16
+        `ENCODER_BATCH_SIZE` at a time (with `ahead`, all of them in a background thread), under bfloat16 autocast
+        with `encoder_bf16`, and decoded under it with `decoder_bf16`."""
 
         def one_by_one(batches):
             for encoded, frames in batches:
