@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -11,6 +13,7 @@ import soundfile
 
 from sound2sheet.data import check_dataset, read_manifest
 from sound2sheet.data.synth import (
+    RenderJob,
     ReservedPieceError,
     available_soundfonts,
     check_not_reserved,
@@ -18,6 +21,7 @@ from sound2sheet.data.synth import (
     main as synth_main,
     plan_jobs,
     render_audio,
+    render_job,
     write_performance_midi,
 )
 
@@ -105,6 +109,21 @@ def test_rendering_is_deterministic_for_a_seed_and_writes_valid_manifests(tmp_pa
             assert info.samplerate == 16000 and info.channels == 1
             assert entry.duration == pytest.approx(info.frames / 16000, abs=1e-3)
             assert entry.metadata["source"] == "procedural" and entry.metadata["soundfont"] == font
+
+
+@needs_fluidsynth
+@pytest.mark.skipif(len(available_soundfonts()) < 2, reason="needs two GM soundfonts (apt-get install fluid-soundfont-gm timgm6mb-soundfont)")
+def test_a_finished_piece_is_kept_only_while_the_plan_still_gives_it_its_soundfont(tmp_path):
+    first, second = sorted(available_soundfonts())[:2]
+    job = RenderJob("procedural-scales-0-00000", "procedural", "scales", "train", first, 5, 3.0)
+    entry = render_job(job, str(tmp_path))
+    audio = tmp_path / "train" / entry["audio_path"]
+    stamp = audio.stat().st_mtime_ns
+    assert render_job(job, str(tmp_path)) == entry and audio.stat().st_mtime_ns == stamp  # resumed: not rendered again
+    moved = dataclasses.replace(job, soundfont=second)
+    again = render_job(moved, str(tmp_path))
+    assert again["metadata"]["soundfont"] == second and audio.stat().st_mtime_ns != stamp
+    assert json.loads((tmp_path / "train" / "audio" / f"{job.piece_id}.json").read_text()) == again
 
 
 @needs_fluidsynth

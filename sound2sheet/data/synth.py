@@ -11,7 +11,8 @@ resampled to 16 kHz mono FLAC. The ground-truth MIDI written next to it carries 
 
 Pieces go to exactly one split (decided by a hash of the piece id). `--exclude-soundfont NAME` keeps that soundfont
 out of train and val: every test piece is rendered with it, to measure generalisation to an unseen piano timbre.
-Rendering is deterministic for a seed, parallel over --workers processes, and resumable (finished pieces are kept).
+Rendering is deterministic for a seed, parallel over --workers processes, and resumable (finished pieces are kept,
+unless the plan now gives them another soundfont).
 Needs the Debian packages fluidsynth and at least one soundfont package (see `APT_PACKAGES`).
 """
 
@@ -40,11 +41,12 @@ from .manifest import ManifestEntry, manifest_path, write_manifest
 
 RENDER_RATE = 44100  # FluidSynth renders at 44.1 kHz; rendering straight at 16 kHz aliases
 OUTPUT_RATE = 16000
-APT_PACKAGES = "fluidsynth fluid-soundfont-gm timgm6mb-soundfont musescore-general-soundfont-lossless"
+APT_PACKAGES = "fluidsynth fluid-soundfont-gm timgm6mb-soundfont musescore-general-soundfont-lossless csound-soundfont"
 SOUNDFONT_CANDIDATES = {
     "FluidR3_GM": ("/usr/share/sounds/sf2/FluidR3_GM.sf2",),
     "TimGM6mb": ("/usr/share/sounds/sf2/TimGM6mb.sf2",),
     "MuseScore_General": ("/usr/share/sounds/sf2/MuseScore_General_Full.sf2", "/usr/share/sounds/sf3/MuseScore_General.sf3"),
+    "sf_GMbank": ("/usr/share/sounds/sf2/sf_GMbank.sf2",),  # Csound's General MIDI bank (csound-soundfont)
 }
 MUSIC21_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn")  # single-piece score files (.abc books hold many tunes)
 TEMPO_RANGE = (60.0, 140.0)  # quarter notes per minute of a performance's base tempo
@@ -273,7 +275,8 @@ def render_audio(midi_path: Path, soundfont_path: str, rng: np.random.Generator,
 
 def render_job(job: RenderJob, out_dir: str) -> Optional[dict]:
     """Render one piece into `out_dir/<split folder>/{audio,midi}/`; returns its manifest entry (JSON form), or None
-    when the piece has no notes. Already rendered pieces are returned without rendering again."""
+    when the piece has no notes. A piece already rendered as `job` plans it (same soundfont, seed and piece) is
+    returned without rendering again."""
     import soundfile
 
     split_dir = manifest_path(out_dir, job.split).parent
@@ -281,7 +284,9 @@ def render_job(job: RenderJob, out_dir: str) -> Optional[dict]:
     midi_path = split_dir / "midi" / f"{job.piece_id}.mid"
     sidecar = split_dir / "audio" / f"{job.piece_id}.json"
     if sidecar.exists() and audio_path.exists() and midi_path.exists():
-        return json.loads(sidecar.read_text())
+        entry = json.loads(sidecar.read_text())
+        if _rendered_as_planned(entry, job):
+            return entry
     rng = np.random.default_rng(job.seed)
     if job.source == "music21":
         beat_notes = score_beat_notes(job.reference, max_beats=job.max_seconds * TEMPO_RANGE[1] / 60.0)
@@ -313,6 +318,13 @@ def render_job(job: RenderJob, out_dir: str) -> Optional[dict]:
     }
     sidecar.write_text(json.dumps(entry))
     return entry
+
+
+def _rendered_as_planned(entry: dict, job: RenderJob) -> bool:
+    """Whether a finished piece's sidecar entry matches its job: a plan made with other soundfonts installed (or
+    another seed) may give the piece another soundfont, and then it is rendered again."""
+    metadata = entry.get("metadata", {})
+    return metadata.get("soundfont") == job.soundfont and metadata.get("seed") == job.seed and metadata.get("piece") == job.reference
 
 
 def _unit_hash(*parts) -> float:
