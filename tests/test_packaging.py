@@ -74,3 +74,18 @@ def test_packaging_refuses_a_model_without_the_frame_head(tmp_path):
     with pytest.raises(SystemExit, match="no frame head"):
         load_script("package_model").main([str(run), str(dest), "--quality", str(tmp_path / "quality.json")])
     assert not dest.exists()
+
+
+def test_the_recipe_stages_parse_and_each_starts_from_the_previous_stages_run(run_transcription):
+    recipes = load_script("package_model").RECIPES
+    assert set(recipes) == set((REPO_ROOT / "examples").glob("train_piano_small*.json"))  # none left out of the card
+    previous_output = None
+    for path in recipes:
+        model_args, data_args, training_args = run_transcription.parse_training_arguments([str(path)], prog="train")
+        if previous_output is None:
+            assert model_args.model_name_or_path is None, path.name  # stage 1 starts from scratch
+        else:
+            assert Path(model_args.model_name_or_path).parent == previous_output, path.name
+            assert Path(model_args.model_name_or_path).name.startswith("checkpoint-"), path.name
+        assert data_args.manifest_dir.startswith("data/piano-synth"), path.name
+        previous_output = Path(training_args.output_dir)
