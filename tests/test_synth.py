@@ -118,11 +118,11 @@ def test_a_finished_piece_is_kept_only_while_the_plan_still_gives_it_its_soundfo
     job = RenderJob("procedural-scales-0-00000", "procedural", "scales", "train", first, 5, 3.0)
     entry = render_job(job, str(tmp_path))
     audio = tmp_path / "train" / entry["audio_path"]
-    stamp = audio.stat().st_mtime_ns
+    stamp, first_audio = audio.stat().st_mtime_ns, audio.read_bytes()
     assert render_job(job, str(tmp_path)) == entry and audio.stat().st_mtime_ns == stamp  # resumed: not rendered again
     moved = dataclasses.replace(job, soundfont=second)
     again = render_job(moved, str(tmp_path))
-    assert again["metadata"]["soundfont"] == second and audio.stat().st_mtime_ns != stamp
+    assert again["metadata"]["soundfont"] == second and audio.read_bytes() != first_audio
     assert json.loads((tmp_path / "train" / "audio" / f"{job.piece_id}.json").read_text()) == again
 
 

@@ -12,7 +12,7 @@ resampled to 16 kHz mono FLAC. The ground-truth MIDI written next to it carries 
 Pieces go to exactly one split (decided by a hash of the piece id). `--exclude-soundfont NAME` keeps that soundfont
 out of train and val: every test piece is rendered with it, to measure generalisation to an unseen piano timbre.
 Rendering is deterministic for a seed, parallel over --workers processes, and resumable (finished pieces are kept,
-unless the plan now gives them another soundfont).
+unless the plan now gives them another soundfont or seed).
 Needs the Debian packages fluidsynth and at least one soundfont package (see `APT_PACKAGES`).
 """
 
