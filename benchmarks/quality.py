@@ -5,7 +5,7 @@
 
 The test split is any manifest dataset (`DATASET/test/manifest.json`); the project's own one is rendered with
 
-    python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0
+    python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0 --soundfonts FluidR3_GM,MuseScore_General,TimGM6mb
 
 whose test pieces are unseen pieces played with the held-out soundfont (TimGM6mb), with pedal and tempo variation.
 With `--unrefined`, the model is also scored on its decoder's own note times (`refine_notes=False`).

@@ -22,8 +22,11 @@ from sound2sheet.training import write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", "_stage2", "_stage3", "_stage4", "_stage5", "_stage6", "_stage7", "_stage8"))
-CORPUS_COMMAND = "python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0"
-CORPUS_V2_COMMAND = "python -m sound2sheet.data.synth --out data/piano-synth-v2 --hours 6 --exclude-soundfont TimGM6mb --seed 0"
+# The soundfonts are named: the plan spreads train and val pieces over those given (by default, every installed one).
+CORPUS_COMMAND = ("python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0 "
+                  "--soundfonts FluidR3_GM,MuseScore_General,TimGM6mb")
+CORPUS_V2_COMMAND = ("python -m sound2sheet.data.synth --out data/piano-synth-v2 --hours 6 --exclude-soundfont TimGM6mb "
+                     "--seed 0 --soundfonts FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank")
 MAX_WEIGHTS_MB = 40
 
 

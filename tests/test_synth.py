@@ -8,6 +8,7 @@ import json
 import shutil
 
 import numpy as np
+import pretty_midi
 import pytest
 import soundfile
 
@@ -62,6 +63,26 @@ def test_plan_splits_by_piece_and_keeps_the_held_out_soundfont_for_test():
     again = plan_jobs(0.3, seed=1, sources=("procedural",), soundfonts=("FluidR3_GM", "TimGM6mb"), exclude_soundfont="TimGM6mb",
                       val_fraction=0.2, test_fraction=0.2, max_piece_seconds=10)
     assert again == jobs
+
+
+def test_programs_vary_train_and_val_timbres_and_leave_the_test_split_and_default_plans_unchanged():
+    options = dict(sources=("procedural",), soundfonts=("FluidR3_GM", "TimGM6mb"), exclude_soundfont="TimGM6mb",
+                   val_fraction=0.2, test_fraction=0.2, max_piece_seconds=10)
+    default = plan_jobs(0.5, seed=2, **options)
+    assert {job.program for job in default} == {0}
+    assert plan_jobs(0.5, seed=2, programs=(0,), **options) == default
+    varied = plan_jobs(0.5, seed=2, programs=(0, 1, 2, 3), **options)
+    assert [dataclasses.replace(job, program=0) for job in varied] == default  # only the programs differ
+    assert {job.program for job in varied if job.split == "test"} == {0}
+    assert {job.program for job in varied if job.split != "test"} == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match=r"General MIDI piano programs \(0-7\), got \[0, 8\]"):
+        plan_jobs(0.5, seed=2, programs=(0, 8), **options)
+
+
+def test_the_programs_flag_names_a_malformed_value(capsys, tmp_path):
+    assert synth_main(["--out", str(tmp_path), "--hours", "0.01", "--programs", "0,bright"]) == 2
+    assert "--programs must be comma-separated integers" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @needs_fluidsynth
@@ -124,6 +145,11 @@ def test_a_finished_piece_is_kept_only_while_the_plan_still_gives_it_its_soundfo
     again = render_job(moved, str(tmp_path))
     assert again["metadata"]["soundfont"] == second and audio.read_bytes() != first_audio
     assert json.loads((tmp_path / "train" / "audio" / f"{job.piece_id}.json").read_text()) == again
+    second_audio = audio.read_bytes()
+    honky_tonk = render_job(dataclasses.replace(moved, program=3), str(tmp_path))  # another program: rendered again
+    assert honky_tonk["metadata"]["program"] == 3 and "program" not in again["metadata"]
+    assert pretty_midi.PrettyMIDI(str(tmp_path / "train" / honky_tonk["midi_path"])).instruments[0].program == 3
+    assert audio.read_bytes() != second_audio
 
 
 @needs_fluidsynth

@@ -11,8 +11,10 @@ resampled to 16 kHz mono FLAC. The ground-truth MIDI written next to it carries 
 
 Pieces go to exactly one split (decided by a hash of the piece id). `--exclude-soundfont NAME` keeps that soundfont
 out of train and val: every test piece is rendered with it, to measure generalisation to an unseen piano timbre.
+`--programs 0,1,2,3` plays train and val pieces with General MIDI piano programs drawn per piece (more timbres from
+each soundfont); test pieces always use program 0, the acoustic grand.
 Rendering is deterministic for a seed, parallel over --workers processes, and resumable (finished pieces are kept,
-unless the plan now gives them another soundfont or seed).
+unless the plan now gives them another soundfont, program or seed).
 Needs the Debian packages fluidsynth and at least one soundfont package (see `APT_PACKAGES`).
 """
 
@@ -49,6 +51,8 @@ SOUNDFONT_CANDIDATES = {
     "sf_GMbank": ("/usr/share/sounds/sf2/sf_GMbank.sf2",),  # Csound's General MIDI bank (csound-soundfont)
 }
 MUSIC21_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn")  # single-piece score files (.abc books hold many tunes)
+PIANO_PROGRAMS = ("Acoustic Grand Piano", "Bright Acoustic Piano", "Electric Grand Piano", "Honky-tonk Piano",
+                  "Electric Piano 1", "Electric Piano 2", "Harpsichord", "Clavinet")  # General MIDI programs 0-7
 TEMPO_RANGE = (60.0, 140.0)  # quarter notes per minute of a performance's base tempo
 TEMPO_SWING = 0.15  # tempo curves stay within +-15 % of the base tempo
 TIMING_JITTER = 0.008  # seconds (standard deviation) of onset/offset jitter
@@ -217,12 +221,12 @@ def perform(beat_notes: Sequence[procedural.BeatNote], rng: np.random.Generator,
     return performed, pedal
 
 
-def write_performance_midi(performed, pedal, path: Path):
-    """Write key presses and CC64 pedal events to a one-track piano MIDI file."""
+def write_performance_midi(performed, pedal, path: Path, program: int = 0):
+    """Write key presses and CC64 pedal events to a one-track piano MIDI file played by General MIDI `program`."""
     import pretty_midi
 
     midi = pretty_midi.PrettyMIDI(initial_tempo=120.0)
-    piano = pretty_midi.Instrument(program=0, name="Piano")
+    piano = pretty_midi.Instrument(program=program, name="Piano")
     for onset, offset, pitch, velocity in performed:
         piano.notes.append(pretty_midi.Note(velocity=velocity, pitch=pitch, start=onset, end=offset))
     for down, up in pedal:
@@ -246,6 +250,7 @@ class RenderJob:
     soundfont: str
     seed: int
     max_seconds: float
+    program: int = 0  # General MIDI program (0-7: the piano family)
 
 
 def render_audio(midi_path: Path, soundfont_path: str, rng: np.random.Generator, seconds: float) -> np.ndarray:
@@ -300,7 +305,7 @@ def render_job(job: RenderJob, out_dir: str) -> Optional[dict]:
     for folder in (audio_path.parent, midi_path.parent):
         folder.mkdir(parents=True, exist_ok=True)
     tmp_midi = midi_path.with_name(midi_path.name + ".partial")
-    write_performance_midi(performed, pedal, tmp_midi)
+    write_performance_midi(performed, pedal, tmp_midi, job.program)
     sounding = read_midi(tmp_midi)  # the pedal-extended ground truth
     seconds = max(note.offset for note in sounding) + TAIL_SECONDS
     audio = render_audio(tmp_midi, available_soundfonts()[job.soundfont], rng, seconds)
@@ -316,15 +321,18 @@ def render_job(job: RenderJob, out_dir: str) -> Optional[dict]:
         "metadata": {"source": job.source, "piece": job.reference, "soundfont": job.soundfont, "seed": job.seed,
                      "pedal": bool(pedal), "notes": len(sounding)},
     }
+    if job.program:  # only when not the grand piano, so corpora rendered before programs existed keep their manifests
+        entry["metadata"]["program"] = job.program
     sidecar.write_text(json.dumps(entry))
     return entry
 
 
 def _rendered_as_planned(entry: dict, job: RenderJob) -> bool:
-    """Whether a finished piece's sidecar entry matches its job: a plan made with other soundfonts installed (or
-    another seed) may give the piece another soundfont, and then it is rendered again."""
+    """Whether a finished piece's sidecar entry matches its job: a plan made with other soundfonts installed, other
+    programs or another seed may give the piece another soundfont or program, and then it is rendered again."""
     metadata = entry.get("metadata", {})
-    return metadata.get("soundfont") == job.soundfont and metadata.get("seed") == job.seed and metadata.get("piece") == job.reference
+    return (metadata.get("soundfont"), metadata.get("seed"), metadata.get("piece"), metadata.get("program", 0)) == (
+        job.soundfont, job.seed, job.reference, job.program)
 
 
 def _unit_hash(*parts) -> float:
@@ -353,10 +361,19 @@ def plan_jobs(
     max_piece_seconds: float = 60.0,
     procedural_fraction: float = 0.3,
     pieces: Optional[Sequence[str]] = None,
+    programs: Sequence[int] = (0,),
 ) -> List[RenderJob]:
-    """The pieces to render for about `hours` of audio (each piece at most `max_piece_seconds`)."""
+    """The pieces to render for about `hours` of audio (each piece at most `max_piece_seconds`).
+
+    Train and validation pieces are played by one of `programs` (General MIDI's piano family, 0-7), drawn from a hash
+    of the piece: more timbres from the same soundfonts. Test pieces are always played by program 0, the acoustic
+    grand piano, so the test split stays the same whatever `programs` is.
+    """
     for piece in pieces or ():
         check_not_reserved(piece)
+    programs = list(programs)
+    if not programs or any(not 0 <= program < len(PIANO_PROGRAMS) for program in programs):
+        raise ValueError(f"programs must be General MIDI piano programs (0-{len(PIANO_PROGRAMS) - 1}), got {programs}.")
     training_fonts = [name for name in soundfonts if name != exclude_soundfont]
     if not training_fonts:
         raise ValueError("No soundfont left for train/val after --exclude-soundfont.")
@@ -387,7 +404,8 @@ def plan_jobs(
             font = exclude_soundfont
         else:
             font = training_fonts[int(_unit_hash("font", seed, piece_id) * len(training_fonts))]
-        jobs.append(RenderJob(piece_id, source, reference, split, font, _piece_seed(seed, piece_id), max_piece_seconds))
+        program = 0 if split == "test" else programs[int(_unit_hash("program", seed, piece_id) * len(programs))]
+        jobs.append(RenderJob(piece_id, source, reference, split, font, _piece_seed(seed, piece_id), max_piece_seconds, program))
     return jobs
 
 
@@ -442,6 +460,14 @@ def render_corpus(out_dir: str | os.PathLike, jobs: Sequence[RenderJob], workers
     return by_split
 
 
+def parse_programs(text: str) -> List[int]:
+    """`--programs` as a list of integers (a ValueError naming the flag otherwise)."""
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"--programs must be comma-separated integers (General MIDI piano programs 0-7), got {text!r}.") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sound2sheet.data.synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="dataset folder to write (train/, val/, test/)")
@@ -456,15 +482,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.05)
     parser.add_argument("--procedural-fraction", type=float, default=0.3)
     parser.add_argument("--pieces", default=None, help="comma-separated music21 corpus paths (default: the whole corpus)")
+    parser.add_argument("--programs", default="0",
+                        help="comma-separated General MIDI piano programs (0-7) for train and val pieces, e.g. 0,1,2,3 "
+                             "(default: 0, the acoustic grand; test pieces always use 0)")
     args = parser.parse_args(argv)
     try:
+        programs = parse_programs(args.programs)
         fonts = require_soundfonts(args.soundfonts.split(",") if args.soundfonts else None)
         if args.exclude_soundfont and args.exclude_soundfont not in fonts:
             raise RendererSetupError(f"--exclude-soundfont {args.exclude_soundfont} is not among {', '.join(fonts)}")
         jobs = plan_jobs(
             args.hours, args.seed, [s.strip() for s in args.sources.split(",")], list(fonts), args.exclude_soundfont,
             args.val_fraction, args.test_fraction, args.max_piece_seconds, args.procedural_fraction,
-            args.pieces.split(",") if args.pieces else None,
+            args.pieces.split(",") if args.pieces else None, programs,
         )
         by_split = render_corpus(args.out, jobs, workers=args.workers)
     except (RendererSetupError, ReservedPieceError, ValueError) as err:
