@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import tracemalloc
 
 import numpy as np
@@ -153,18 +152,13 @@ def test_audio_shorter_than_one_output_sample_is_an_error_not_an_empty_array(tmp
     # found by test_fuzz: a WAV header overwritten to claim a rate of billions of Hz resampled to nothing
     with pytest.raises(ValueError, match="^audio array: 3 samples at 1000000000 Hz last less than one sample at 16000 Hz$"):
         load_audio(np.ones(3, np.float32), 16000, orig_sampling_rate=10**9)
-    header = bytearray(io_wav(np.ones(3, np.float32), 16000))
+    soundfile.write(tmp_path / "fast.wav", np.ones(3, np.float32), 16000, subtype="PCM_16")
+    header = bytearray((tmp_path / "fast.wav").read_bytes())
     header[24:28] = (2**31 - 1).to_bytes(4, "little")  # the sample rate field of a canonical WAV header
     (tmp_path / "fast.wav").write_bytes(bytes(header))
     with pytest.raises(ValueError, match=f"^{tmp_path / 'fast.wav'}: 3 samples at 2147483647 Hz last less than one sample "
                                          "at 16000 Hz \\(is the sample rate in its header right\\?\\)$"):
         load_audio(tmp_path / "fast.wav")
-
-
-def io_wav(samples: np.ndarray, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
 
 
 def test_zero_length_and_non_finite_audio(tmp_path):
