@@ -1,12 +1,12 @@
 """Package a trained run as a shippable model folder with its model card.
 
-    python examples/package_model.py runs/piano-small-stage8 models/sound2sheet-piano-small \
+    python examples/package_model.py runs/piano-small-stage9 models/sound2sheet-piano-small \
         --quality quality.json --training-summary "..."
 
 Copies the inference files of RUN (a run's final model, or a checkpoint folder) into DEST (weights as safetensors,
 config, generation config, tokenizer and feature extractor), with the frame head that places the notes, and writes the
-model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the eight-stage recipe
-(examples/train_piano_small.json, then _stage2.json to _stage8.json), the data, the parameter count, and the
+model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the nine-stage recipe
+(examples/train_piano_small.json, then _stage2.json to _stage9.json), the data, the parameter count, and the
 test-split results that `benchmarks/quality.py --report quality.json` measured, in the card's `model-index`.
 """
 
@@ -21,12 +21,13 @@ from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcesso
 from sound2sheet.training import write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", "_stage2", "_stage3", "_stage4", "_stage5", "_stage6", "_stage7", "_stage8"))
+RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", *(f"_stage{n}" for n in range(2, 10))))
 # The soundfonts are named: the plan spreads train and val pieces over those given (by default, every installed one).
 CORPUS_COMMAND = ("python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0 "
                   "--soundfonts FluidR3_GM,MuseScore_General,TimGM6mb")
 CORPUS_V2_COMMAND = ("python -m sound2sheet.data.synth --out data/piano-synth-v2 --hours 6 --exclude-soundfont TimGM6mb "
                      "--seed 0 --soundfonts FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank")
+CORPUS_V3_COMMAND = CORPUS_V2_COMMAND.replace("piano-synth-v2 --hours 6", "piano-synth-v3 --hours 12")
 MAX_WEIGHTS_MB = 40
 
 
@@ -88,8 +89,12 @@ def main(argv=None):
         "9. Stage 8, the same schedule on a corpus twice as large with a fourth soundfont (Csound's General MIDI bank, "
         f"Debian package `csound-soundfont`): render `{CORPUS_V2_COMMAND}` (its test split holds every test piece of "
         "`data/piano-synth` with the same audio, and more), then "
-        "`python run_transcription.py train examples/train_piano_small_stage8.json`; the model is its last and best "
-        "checkpoint by validation loss, `checkpoint-3000`.\n\n"
+        "`python run_transcription.py train examples/train_piano_small_stage8.json`; stage 9 starts from its "
+        "`checkpoint-3000` (the last; also its best by validation loss).\n"
+        "10. Stage 9, twice as many steps on a fresh schedule, on a corpus twice as large again with the same four "
+        f"soundfonts: render `{CORPUS_V3_COMMAND}` (its test split holds every test piece of `data/piano-synth` with the "
+        "same audio, and more), then `python run_transcription.py train examples/train_piano_small_stage9.json`; the "
+        "model is its last and best checkpoint by validation loss, `checkpoint-6000`.\n\n"
         "At inference, the decoded notes are placed on the frame head's onsets and offsets, and the head's sure "
         "onsets that the decoder missed are added (`refine_notes`, on by default for this model).\n\n"
         + "".join(f"Stage {number}:\n\n```json\n{text}\n```\n\n" for number, text in enumerate(stages, start=1))
