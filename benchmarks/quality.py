@@ -1,14 +1,17 @@
 """Note-level quality of a Sound2Sheet model on a held-out test split, side by side with basic-pitch.
 
     python benchmarks/quality.py [--model models/sound2sheet-piano-small] [--manifest-dir data/piano-synth]
-                                 [--split test] [--max-pieces N] [--threads 2]
+                                 [--split test] [--max-pieces N] [--threads 2] [--bf16 auto|on|encoder|off]
+                                 [--num-beams N] [--audio FILE ...]
 
 The test split is any manifest dataset (`DATASET/test/manifest.json`); the project's own one is rendered with
 
     python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0 --soundfonts FluidR3_GM,MuseScore_General,TimGM6mb
 
 whose test pieces are unseen pieces played with the held-out soundfont (TimGM6mb), with pedal and tempo variation.
-With `--unrefined`, the model is also scored on its decoder's own note times (`refine_notes=False`).
+With `--unrefined`, the model is also scored on its decoder's own note times (`refine_notes=False`). `--audio` scores
+the given recordings instead of a split, each against the MIDI file beside it (same name, `.mid`), e.g. the bundled
+example: `--audio examples/example_piano.flac --bf16 off [--num-beams 4]`.
 Prints, per system, the mean over pieces (MAESTRO's convention) of onset F1, onset+offset F1 and
 onset+offset+velocity F1 (mir_eval, 50 ms onset tolerance), and the CPU seconds each system spent. basic-pitch runs
 when it is installed (`pip install --no-deps basic-pitch==0.4.0 librosa resampy scikit-learn onnxruntime`: its
@@ -22,30 +25,35 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, NamedTuple
 
 import torch
 
-from sound2sheet import Note, Sound2SheetForConditionalGeneration, Sound2SheetProcessor
+import soundfile
+
+from sound2sheet import Note, Sound2SheetForConditionalGeneration, Sound2SheetProcessor, read_midi
 from sound2sheet.data import load_manifest_dataset, notes_of_example
 from sound2sheet.metrics import mean_metrics, note_metrics
+from sound2sheet.processing_sound2sheet import BF16_ENCODER
 
 REPO = Path(__file__).resolve().parent.parent
 SHOWN = ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1")
+BF16_CHOICES = {"auto": None, "on": True, "encoder": BF16_ENCODER, "off": False}
 
 
-def sound2sheet_systems(model_path: str, batch_size: int, unrefined: bool) -> Dict[str, Callable[[str], List[Note]]]:
+def sound2sheet_systems(model_path: str, batch_size: int, unrefined: bool, **transcribe_kwargs) -> Dict[str, Callable[[str], List[Note]]]:
     """The model as shipped (notes placed on its frame head when it has one), and with `unrefined` also as the
-    decoder alone wrote them (`refine_notes=False`)."""
+    decoder alone wrote them (`refine_notes=False`); `transcribe_kwargs` (bf16, num_beams) go to every call."""
     if os.path.sep in model_path and not os.path.isdir(model_path):
         raise SystemExit(f"--model {model_path}: no such model folder (train one: see README.md, 'The model')")
     model = Sound2SheetForConditionalGeneration.from_pretrained(model_path).eval()
     processor = Sound2SheetProcessor.from_pretrained(model_path)
-    systems = {"sound2sheet": lambda path: processor.transcribe(path, model, batch_size=batch_size or None)}
+    systems = {"sound2sheet": lambda path: processor.transcribe(path, model, batch_size=batch_size or None, **transcribe_kwargs)}
     if unrefined:
         if not model.has_frame_head:
             raise SystemExit(f"--unrefined: {model_path} has no frame head, so its notes are the decoder's already")
-        systems["sound2sheet, decoder times"] = lambda path: processor.transcribe(path, model, batch_size=batch_size or None, refine_notes=False)
+        systems["sound2sheet, decoder times"] = lambda path: processor.transcribe(
+            path, model, batch_size=batch_size or None, refine_notes=False, **transcribe_kwargs)
     return systems
 
 
@@ -76,6 +84,32 @@ def basic_pitch_system(threads: int | None = None) -> Callable[[str], List[Note]
     return transcribe
 
 
+class Piece(NamedTuple):
+    id: str
+    audio_path: str
+    seconds: float
+    reference: List[Note]
+
+
+def pieces_of_split(manifest_dir: str, split: str) -> List[Piece]:
+    """The pieces of a manifest dataset's split, with their reference notes."""
+    return [Piece(example["id"], example["audio_path"], float(example["duration"]), notes_of_example(example))
+            for example in load_manifest_dataset(manifest_dir, split=split)]
+
+
+def recordings(paths: List[str]) -> List[Piece]:
+    """Recordings given by path, each with the reference MIDI file beside it (`x.flac` -> `x.mid`)."""
+    pieces = []
+    for path in paths:
+        midi = Path(path).with_suffix(".mid")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--audio {path}: no such file")
+        if not midi.is_file():
+            raise SystemExit(f"--audio {path}: no reference MIDI file {midi} beside it")
+        pieces.append(Piece(Path(path).stem, path, soundfile.info(path).duration, read_midi(midi)))
+    return pieces
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "models" / "sound2sheet-piano-small"))
@@ -88,28 +122,36 @@ def main():
     parser.add_argument("--unrefined", action="store_true",
                         help="also score the decoder's own note times (refine_notes=False), to see what the frame head adds")
     parser.add_argument("--report", default=None, help="also write per-piece scores to this JSON file")
+    parser.add_argument("--bf16", choices=list(BF16_CHOICES), default="auto",
+                        help="bfloat16 autocast for Sound2Sheet (auto: the encoder where the CPU computes it natively)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
+    parser.add_argument("--audio", nargs="+", default=None,
+                        help="score these recordings instead of a split, each against the MIDI file beside it (.mid)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    examples = list(load_manifest_dataset(args.manifest_dir, split=args.split))[: args.max_pieces]
-    systems: Dict[str, Callable[[str], List[Note]]] = sound2sheet_systems(args.model, args.batch_size, args.unrefined)
+    pieces = recordings(args.audio) if args.audio else pieces_of_split(args.manifest_dir, args.split)
+    pieces = pieces[: args.max_pieces]
+    systems: Dict[str, Callable[[str], List[Note]]] = sound2sheet_systems(
+        args.model, args.batch_size, args.unrefined, bf16=BF16_CHOICES[args.bf16], num_beams=args.num_beams)
     other = None if args.no_basic_pitch else basic_pitch_system(threads=args.threads)
     if other is not None:
         systems["basic-pitch 0.4.0"] = other
     else:
         print("basic-pitch is not installed (or --no-basic-pitch): only Sound2Sheet is measured")
-    seconds = sum(float(e["duration"]) for e in examples)
-    print(f"{len(examples)} pieces, {seconds / 60:.1f} min of audio from {args.manifest_dir} ({args.split}); model {args.model}")
+    seconds = sum(piece.seconds for piece in pieces)
+    source = "the given recordings" if args.audio else f"{args.manifest_dir} ({args.split})"
+    print(f"{len(pieces)} pieces, {seconds / 60:.1f} min of audio from {source}; model {args.model}, bf16 {args.bf16}, "
+          f"{args.num_beams} beam(s)")
 
     scores = {name: [] for name in systems}
     cpu = {name: 0.0 for name in systems}
-    for example in examples:
-        reference = notes_of_example(example)
+    for piece in pieces:
         for name, transcribe in systems.items():
             start = time.process_time()
-            prediction = transcribe(example["audio_path"])
+            prediction = transcribe(piece.audio_path)
             cpu[name] += time.process_time() - start
-            scores[name].append({"id": example["id"], **note_metrics(reference, prediction)})
+            scores[name].append({"id": piece.id, **note_metrics(piece.reference, prediction)})
     print(f"{'system':<28}" + "".join(f"{name:>28}" for name in SHOWN) + f"{'CPU s / audio s':>18}")
     summary = {}
     for name in systems:

@@ -21,7 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = REPO_ROOT / "models" / "sound2sheet-piano-small"
 EXAMPLE = REPO_ROOT / "examples" / "example_piano.flac"
 # F1 of the shipped model on the bundled example against its MIDI, measured when it shipped (stage 9; greedy, fp32,
-# notes placed on the frame head): onset 0.846, onset+offset 0.683; with the decoder's own times 0.784 and 0.352
+# notes placed on the frame head; `benchmarks/quality.py --audio examples/example_piano.flac --bf16 off --unrefined`):
+# onset 0.846, onset+offset 0.683; with the decoder's own times 0.784 and 0.352
 # (stage 8: 0.814 and 0.566; 0.647 and 0.211).
 ONSET_F1_FLOOR = 0.7
 ONSET_OFFSET_F1_FLOOR = 0.5
