@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple
 
-import torch
-
 import soundfile
+import torch
 
 from sound2sheet import Note, Sound2SheetForConditionalGeneration, Sound2SheetProcessor, read_midi
 from sound2sheet.data import load_manifest_dataset, notes_of_example
@@ -41,7 +40,8 @@ SHOWN = ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1")
 BF16_CHOICES = {"auto": None, "on": True, "encoder": BF16_ENCODER, "off": False}
 
 
-def sound2sheet_systems(model_path: str, batch_size: int, unrefined: bool, **transcribe_kwargs) -> Dict[str, Callable[[str], List[Note]]]:
+def sound2sheet_systems(model_path: str, batch_size: int, unrefined: bool,
+                        **transcribe_kwargs) -> Dict[str, Callable[[str], List[Note]]]:
     """The model as shipped (notes placed on its frame head when it has one), and with `unrefined` also as the
     decoder alone wrote them (`refine_notes=False`); `transcribe_kwargs` (bf16, num_beams) go to every call."""
     if os.path.sep in model_path and not os.path.isdir(model_path):
@@ -85,6 +85,8 @@ def basic_pitch_system(threads: int | None = None) -> Callable[[str], List[Note]
 
 
 class Piece(NamedTuple):
+    """A recording to score, with its reference notes."""
+
     id: str
     audio_path: str
     seconds: float
@@ -128,12 +130,15 @@ def main():
     parser.add_argument("--audio", nargs="+", default=None,
                         help="score these recordings instead of a split, each against the MIDI file beside it (.mid)")
     args = parser.parse_args()
+    if args.num_beams < 1:
+        parser.error(f"--num-beams must be at least 1, got {args.num_beams}")
     torch.set_num_threads(args.threads)
 
     pieces = recordings(args.audio) if args.audio else pieces_of_split(args.manifest_dir, args.split)
     pieces = pieces[: args.max_pieces]
+    beams = {"num_beams": args.num_beams} if args.num_beams > 1 else {}  # greedy: the library's default search
     systems: Dict[str, Callable[[str], List[Note]]] = sound2sheet_systems(
-        args.model, args.batch_size, args.unrefined, bf16=BF16_CHOICES[args.bf16], num_beams=args.num_beams)
+        args.model, args.batch_size, args.unrefined, bf16=BF16_CHOICES[args.bf16], **beams)
     other = None if args.no_basic_pitch else basic_pitch_system(threads=args.threads)
     if other is not None:
         systems["basic-pitch 0.4.0"] = other
