@@ -29,6 +29,15 @@ CORPUS_V2_COMMAND = ("python -m sound2sheet.data.synth --out data/piano-synth-v2
                      "--seed 0 --soundfonts FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank")
 CORPUS_V3_COMMAND = CORPUS_V2_COMMAND.replace("piano-synth-v2 --hours 6", "piano-synth-v3 --hours 12")
 MAX_WEIGHTS_MB = 40
+TRAINING_DATA = (
+    "Piano audio rendered with FluidSynth by `python -m sound2sheet.data.synth` from MIDI: the music21 corpus without "
+    "the pieces reserved for evaluation, plus procedural piano music (scales, arpeggios, block chords, repeated "
+    "notes, two hands, random polyphony), with pedal and tempo variation. Three corpora, each containing the previous one's test pieces: "
+    "`data/piano-synth` (3.4 hours of training audio; stages 1-7), `data/piano-synth-v2` (6.9 hours; stage 8) and "
+    "`data/piano-synth-v3` (13.7 hours, 863 training pieces; stage 9). The training and validation pieces are "
+    "played by FluidR3_GM, MuseScore_General and (from v2) Csound's sf_GMbank; TimGM6mb is kept out of training and "
+    "plays every test piece, so the results below are on an unseen piano timbre as well as unseen pieces."
+)
 
 
 def main(argv=None):
@@ -104,7 +113,8 @@ def main(argv=None):
              "with `python benchmarks/quality.py --unrefined --report quality.json`, side by side with basic-pitch on "
              "the same files (`decoder times`: the same model with `refine_notes=False`):\n\n" + "\n".join(lines))
     card = write_model_card(dest, model_name=dest.name, results=ours, parameters=model.count_parameters()["total"], recipe=recipe,
-                            dataset_name="sound2sheet synthetic piano corpus (data/piano-synth, test split)", extra_sections=extra)
+                            dataset_name="sound2sheet synthetic piano corpus (data/piano-synth, test split)", extra_sections=extra,
+                            training_data=TRAINING_DATA)
     Path(args.cards_dir).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(card, Path(args.cards_dir) / f"{dest.name}.md")
     print(f"{dest}: {size_mb:.1f} MB of weights, {model.count_parameters()['total'] / 1e6:.2f} M parameters; card {card}")

@@ -224,8 +224,12 @@ def build_compute_metrics(tokenizer, decoder_start_token_id: int) -> Callable:
 
 
 def write_model_card(output_dir: str | os.PathLike, *, model_name: str, results: dict, parameters: int, recipe: str,
-                     dataset_name: str, dataset_type: str = "sound2sheet-manifest", extra_sections: str = "") -> Path:
-    """Write `README.md` (Hub model card: YAML front matter with a `model-index`, then the template's text)."""
+                     dataset_name: str, dataset_type: str = "sound2sheet-manifest", extra_sections: str = "",
+                     training_data: str | None = None) -> Path:
+    """Write `README.md` (Hub model card: YAML front matter with a `model-index`, then the template's text).
+
+    `dataset_name` names the data the `results` were measured on; `training_data` describes what the model was
+    trained on, when that is other data (default: `dataset_name`)."""
     import yaml
 
     metric_names = {
@@ -256,7 +260,8 @@ def write_model_card(output_dir: str | os.PathLike, *, model_name: str, results:
     template = MODEL_CARD_TEMPLATE.read_text() if MODEL_CARD_TEMPLATE.exists() else "# {model_name}\n\n{results_table}\n"
     table = "\n".join(["| metric | value |", "| --- | --- |"] + [f"| {m['name']} | {m['value']:.4f} |" for m in metrics])
     body = template.format(model_name=model_name, parameters=f"{parameters / 1e6:.2f} M", recipe=recipe,
-                           dataset_name=dataset_name, results_table=table, extra_sections=extra_sections)
+                           dataset_name=dataset_name, training_data=training_data or dataset_name, results_table=table,
+                           extra_sections=extra_sections)
     path = Path(output_dir) / "README.md"
     path.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + body)
     return path

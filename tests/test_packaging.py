@@ -61,6 +61,10 @@ def test_packaging_keeps_the_frame_head_and_writes_the_card_with_the_measured_re
     assert "examples/train_piano_small_stage5.json" in card and '"output_dir": "runs/piano-small-stage5"' in card
     assert "placed on the frame head's onsets and offsets" in card
     assert "| basic-pitch 0.4.0 | 0.783 | 0.428 | 0.124 | 0.096 |" in card and "Trained for a while." in card
+    # the results are on the test split; the training data section describes the corpora trained on, not that split
+    assert front["model-index"][0]["results"][0]["dataset"]["name"].endswith("(data/piano-synth, test split)")
+    training_data = card.split("## Training data\n\n")[1].split("\n\n")[0]
+    assert training_data == load_script("package_model").TRAINING_DATA and "TimGM6mb is kept out of training" in training_data
 
 
 def test_packaging_refuses_a_model_without_the_frame_head(tmp_path):
