@@ -32,8 +32,8 @@ MAX_WEIGHTS_MB = 40
 TRAINING_DATA = (
     "Piano audio rendered with FluidSynth by `python -m sound2sheet.data.synth` from MIDI: the music21 corpus without "
     "the pieces reserved for evaluation, plus procedural piano music (scales, arpeggios, block chords, repeated "
-    "notes, two hands, random polyphony), with pedal and tempo variation. Three corpora, each containing the previous one's test pieces: "
-    "`data/piano-synth` (3.4 hours of training audio; stages 1-7), `data/piano-synth-v2` (6.9 hours; stage 8) and "
+    "notes, two hands, random polyphony), with pedal and tempo variation. Three corpora, each containing the "
+    "previous one's test pieces: `data/piano-synth` (3.4 hours of training audio; stages 1-7), `data/piano-synth-v2` (6.9 hours; stage 8) and "
     "`data/piano-synth-v3` (13.7 hours, 863 training pieces; stage 9). The training and validation pieces are "
     "played by FluidR3_GM, MuseScore_General and (from v2) Csound's sf_GMbank; TimGM6mb is kept out of training and "
     "plays every test piece, so the results below are on an unseen piano timbre as well as unseen pieces."
