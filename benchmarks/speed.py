@@ -36,15 +36,14 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from sound2sheet.processing_sound2sheet import BF16_ENCODER, cpu_has_fast_bf16
+from sound2sheet.processing_sound2sheet import cpu_has_fast_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import basic_pitch_system  # noqa: E402
+from quality import BF16_CHOICES, basic_pitch_system  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "example_piano.flac"
 AHEAD_CHOICES = {"auto": None, "on": True, "off": False}
-BF16_CHOICES = {**AHEAD_CHOICES, "encoder": BF16_ENCODER}
 RATE = 16000  # the long file is written at the model's rate: its resampling is not what is measured
 
 

@@ -22,12 +22,18 @@ from sound2sheet.training import write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", *(f"_stage{n}" for n in range(2, 10))))
-# The soundfonts are named: the plan spreads train and val pieces over those given (by default, every installed one).
-CORPUS_COMMAND = ("python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0 "
-                  "--soundfonts FluidR3_GM,MuseScore_General,TimGM6mb")
-CORPUS_V2_COMMAND = ("python -m sound2sheet.data.synth --out data/piano-synth-v2 --hours 6 --exclude-soundfont TimGM6mb "
-                     "--seed 0 --soundfonts FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank")
-CORPUS_V3_COMMAND = CORPUS_V2_COMMAND.replace("piano-synth-v2 --hours 6", "piano-synth-v3 --hours 12")
+
+
+def corpus_command(out: str, hours: int, soundfonts: str) -> str:
+    """The renderer's command for one of the recipe's corpora. The soundfonts are named: the plan spreads train and
+    val pieces over those given (by default, every installed one)."""
+    return (f"python -m sound2sheet.data.synth --out {out} --hours {hours} --exclude-soundfont TimGM6mb --seed 0 "
+            f"--soundfonts {soundfonts}")
+
+
+CORPUS_COMMAND = corpus_command("data/piano-synth", 3, "FluidR3_GM,MuseScore_General,TimGM6mb")
+CORPUS_V2_COMMAND = corpus_command("data/piano-synth-v2", 6, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank")
+CORPUS_V3_COMMAND = corpus_command("data/piano-synth-v3", 12, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank")
 MAX_WEIGHTS_MB = 40
 TRAINING_DATA = (
     "Piano audio rendered with FluidSynth by `python -m sound2sheet.data.synth` from MIDI: the music21 corpus without "

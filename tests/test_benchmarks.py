@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 import soundfile
 
 from sound2sheet import read_midi
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .scripts import REPO_ROOT, load_script
+
 EXAMPLE = REPO_ROOT / "examples" / "example_piano.flac"
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", REPO_ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("quality", folder="benchmarks")
 
 
 def test_quality_scores_a_given_recording_against_the_midi_file_beside_it(quality):

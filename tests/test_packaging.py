@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,15 +13,7 @@ from safetensors.torch import load_file
 from sound2sheet import Sound2SheetFeatureExtractor, Sound2SheetForConditionalGeneration, Sound2SheetProcessor, Sound2SheetTokenizer
 
 from .model_tester import Sound2SheetModelTester
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .scripts import REPO_ROOT, load_script
 
 
 def test_packaging_keeps_the_frame_head_and_writes_the_card_with_the_measured_results(tmp_path):
@@ -38,8 +29,9 @@ def test_packaging_keeps_the_frame_head_and_writes_the_card_with_the_measured_re
     }}
     (tmp_path / "quality.json").write_text(json.dumps(quality))
     dest, cards = tmp_path / "models" / "piano-test", tmp_path / "cards"
-    load_script("package_model").main([str(run), str(dest), "--quality", str(tmp_path / "quality.json"),
-                                       "--training-summary", "Trained for a while.", "--cards-dir", str(cards)])
+    package_model = load_script("package_model")
+    package_model.main([str(run), str(dest), "--quality", str(tmp_path / "quality.json"),
+                        "--training-summary", "Trained for a while.", "--cards-dir", str(cards)])
 
     weights = load_file(dest / "model.safetensors")
     assert {"frame_head.weight", "frame_head.bias"} <= set(weights)
@@ -64,7 +56,7 @@ def test_packaging_keeps_the_frame_head_and_writes_the_card_with_the_measured_re
     # the results are on the test split; the training data section describes the corpora trained on, not that split
     assert front["model-index"][0]["results"][0]["dataset"]["name"].endswith("(data/piano-synth, test split)")
     training_data = card.split("## Training data\n\n")[1].split("\n\n")[0]
-    assert training_data == load_script("package_model").TRAINING_DATA and "TimGM6mb is kept out of training" in training_data
+    assert training_data == package_model.TRAINING_DATA and "TimGM6mb is kept out of training" in training_data
 
 
 def test_packaging_refuses_a_model_without_the_frame_head(tmp_path):
