@@ -65,6 +65,14 @@ def test_plan_splits_by_piece_and_keeps_the_held_out_soundfont_for_test():
     assert again == jobs
 
 
+def test_a_score_in_two_encodings_is_planned_once():
+    # The music21 corpus holds some movements as both .krn and .mxl: one id, one set of files, one manifest entry.
+    pieces = ["beethoven/opus18no1/movement1.krn", "bach/bwv66.6.mxl", "beethoven/opus18no1/movement1.mxl"]
+    jobs = plan_jobs(1.0, sources=("music21",), pieces=pieces, soundfonts=("FluidR3_GM",))
+    assert sorted(job.piece_id for job in jobs) == ["music21-bach-bwv66.6", "music21-beethoven-opus18no1-movement1"]
+    assert {job.reference for job in jobs} - {"bach/bwv66.6.mxl"} < set(pieces[0::2])
+
+
 def test_programs_vary_train_and_val_timbres_and_leave_the_test_split_and_default_plans_unchanged():
     options = dict(sources=("procedural",), soundfonts=("FluidR3_GM", "TimGM6mb"), exclude_soundfont="TimGM6mb",
                    val_fraction=0.2, test_fraction=0.2, max_piece_seconds=10)

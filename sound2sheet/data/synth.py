@@ -387,6 +387,7 @@ def plan_jobs(
     use_music21 = bool(corpus)
     kinds = list(procedural.GENERATORS)
     jobs: List[RenderJob] = []
+    planned = set()
     corpus_index = 0
     for index in range(count):
         procedural_turn = use_procedural and (not use_music21 or rng.random() < procedural_fraction or corpus_index >= len(corpus))
@@ -397,6 +398,10 @@ def plan_jobs(
             reference = corpus[corpus_index]
             corpus_index += 1
             piece_id, source = "music21-" + os.path.splitext(reference)[0].replace("/", "-"), "music21"
+            if piece_id in planned:
+                # The corpus has some scores in two encodings (movement1.krn and movement1.mxl): the same music, and
+                # the same id and files. The first drawn is rendered; skipping the other keeps every other job as it was.
+                continue
         else:
             break
         split = assign_split(piece_id, val_fraction, test_fraction)
@@ -406,6 +411,7 @@ def plan_jobs(
             font = training_fonts[int(_unit_hash("font", seed, piece_id) * len(training_fonts))]
         program = 0 if split == "test" else programs[int(_unit_hash("program", seed, piece_id) * len(programs))]
         jobs.append(RenderJob(piece_id, source, reference, split, font, _piece_seed(seed, piece_id), max_piece_seconds, program))
+        planned.add(piece_id)
     return jobs
 
 
