@@ -1,6 +1,6 @@
 """Package a trained run as a shippable model folder with its model card.
 
-    python examples/package_model.py runs/piano-small-stage9 models/sound2sheet-piano-small \
+    python examples/package_model.py runs/piano-small-stage10 models/sound2sheet-piano-small \
         --quality quality.json --training-summary "..."
 
 Copies the inference files of RUN (a run's final model, or a checkpoint folder) into DEST (weights as safetensors,
