@@ -48,12 +48,12 @@ def sound2sheet_systems(model_path: str, batch_size: int, unrefined: bool,
         raise SystemExit(f"--model {model_path}: no such model folder (train one: see README.md, 'The model')")
     model = Sound2SheetForConditionalGeneration.from_pretrained(model_path).eval()
     processor = Sound2SheetProcessor.from_pretrained(model_path)
-    systems = {"sound2sheet": lambda path: processor.transcribe(path, model, batch_size=batch_size or None, **transcribe_kwargs)}
+    options = dict(batch_size=batch_size or None, **transcribe_kwargs)
+    systems = {"sound2sheet": lambda path: processor.transcribe(path, model, **options)}
     if unrefined:
         if not model.has_frame_head:
             raise SystemExit(f"--unrefined: {model_path} has no frame head, so its notes are the decoder's already")
-        systems["sound2sheet, decoder times"] = lambda path: processor.transcribe(
-            path, model, batch_size=batch_size or None, refine_notes=False, **transcribe_kwargs)
+        systems["sound2sheet, decoder times"] = lambda path: processor.transcribe(path, model, refine_notes=False, **options)
     return systems
 
 
