@@ -65,6 +65,11 @@ class TranscribeArguments:
         metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of that "
                           "the decoder missed: true/false (default: when it has one)."},
     )
+    window_overlap: Optional[float] = field(
+        default=None,
+        metadata={"help": "Seconds by which consecutive windows overlap, each trusted with the stretch it lies furthest inside; "
+                          "over 0 only with refined notes (default: 0.32 with refined notes, else 0)."},
+    )
     encode_ahead: Optional[bool] = field(
         default=None,
         metadata={"help": "Encode the next batch of windows in a background thread while one decodes, the threads shared "
@@ -143,14 +148,19 @@ def load_transcriber(model_path: str, allow_pickle: bool = False, **config_overr
     return model, processor
 
 
-def check_refine_notes(refine_notes: Optional[bool], model, model_path: str):
-    """A one-line `UsageError` for `--refine_notes true` with a model that has no frame head."""
-    from sound2sheet.processing_sound2sheet import resolve_refine_notes
+def check_refine_notes(refine_notes: Optional[bool], window_overlap: Optional[float], model, processor, model_path: str):
+    """One-line `UsageError`s for `--refine_notes true` with a model that has no frame head, and for a
+    `--window_overlap` that the model's window or the refinement setting rules out."""
+    from sound2sheet.processing_sound2sheet import resolve_refine_notes, resolve_window_overlap
 
     try:
-        resolve_refine_notes(refine_notes, model)
+        refine = resolve_refine_notes(refine_notes, model)
     except ValueError as err:
         raise UsageError(f"--refine_notes: model {model_path}: {err}") from None
+    try:
+        resolve_window_overlap(window_overlap, refine, processor.window_seconds)
+    except ValueError as err:
+        raise UsageError(f"--window_overlap: model {model_path}: {err}") from None
 
 
 def write_outputs(notes, audio_path: str, stem: str, output_dir: Path, formats: List[str], model_name: str, score_options: dict):
@@ -222,7 +232,7 @@ def run_transcribe(argv: List[str]) -> int:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model, processor = load_transcriber(args.model, args.allow_pickle)
-    check_refine_notes(args.refine_notes, model, args.model)
+    check_refine_notes(args.refine_notes, args.window_overlap, model, processor, args.model)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -231,7 +241,8 @@ def run_transcribe(argv: List[str]) -> int:
         try:
             notes = processor.transcribe(
                 audio_path, model, batch_size=args.batch_size, bf16=args.bf16, progress=True,
-                refine_notes=args.refine_notes, encode_ahead=args.encode_ahead, **generate_kwargs
+                refine_notes=args.refine_notes, encode_ahead=args.encode_ahead, window_overlap=args.window_overlap,
+                **generate_kwargs
             )
             written = write_outputs(notes, audio_path, stem, output_dir, formats, args.model, score_options)
         except (ValueError, OSError, RuntimeError) as err:
@@ -617,6 +628,11 @@ class EvaluateArguments:
         metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of that "
                           "the decoder missed: true/false (default: when it has one)."},
     )
+    window_overlap: Optional[float] = field(
+        default=None,
+        metadata={"help": "Seconds by which consecutive windows overlap, each trusted with the stretch it lies furthest inside; "
+                          "over 0 only with refined notes (default: 0.32 with refined notes, else 0)."},
+    )
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
     max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})
@@ -662,7 +678,7 @@ def run_evaluate(argv: List[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load_transcriber(args.model_name_or_path, args.allow_pickle)
-    check_refine_notes(args.refine_notes, model, args.model_name_or_path)
+    check_refine_notes(args.refine_notes, args.window_overlap, model, processor, args.model_name_or_path)
     examples = list(dataset)[: args.max_pieces] if args.max_pieces else list(dataset)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.plots and not output_dir:
@@ -673,7 +689,8 @@ def run_evaluate(argv: List[str]) -> int:
     for example in tqdm(examples, desc=f"evaluating {args.split}", unit="piece"):
         reference = notes_of_example(example)
         prediction = processor.transcribe(example["audio_path"], model, batch_size=args.batch_size, bf16=args.bf16,
-                                          refine_notes=args.refine_notes, **generate_kwargs)
+                                          refine_notes=args.refine_notes, window_overlap=args.window_overlap,
+                                          **generate_kwargs)
         scores = note_metrics(reference, prediction)
         per_piece.append({"id": example["id"], "audio_path": example["audio_path"], "reference_notes": len(reference),
                           "predicted_notes": len(prediction), **scores})

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--model models/sound2sheet-piano-small] [--manifest-dir data/piano-synth]
                                  [--split test] [--max-pieces N] [--threads 2] [--bf16 auto|on|encoder|off]
-                                 [--num-beams N] [--audio FILE ...]
+                                 [--num-beams N] [--window-overlap SECONDS] [--audio FILE ...]
 
 The test split is any manifest dataset (`DATASET/test/manifest.json`); the project's own one is rendered with
 
@@ -11,7 +11,8 @@ The test split is any manifest dataset (`DATASET/test/manifest.json`); the proje
 whose test pieces are unseen pieces played with the held-out soundfont (TimGM6mb), with pedal and tempo variation.
 With `--unrefined`, the model is also scored on its decoder's own note times (`refine_notes=False`). `--audio` scores
 the given recordings instead of a split, each against the MIDI file beside it (same name, `.mid`), e.g. the bundled
-example: `--audio examples/example_piano.flac --bf16 off [--num-beams 4]`.
+example: `--audio examples/example_piano.flac --bf16 off [--num-beams 4]`. `--window-overlap` sets how far the model's
+windows overlap when its notes are refined (default: the library's, `WINDOW_OVERLAP`; 0 cuts them end to end).
 Prints, per system, the mean over pieces (MAESTRO's convention) of onset F1, onset+offset F1 and
 onset+offset+velocity F1 (mir_eval, 50 ms onset tolerance), and the CPU seconds each system spent. basic-pitch runs
 when it is installed (`pip install --no-deps basic-pitch==0.4.0 librosa resampy scikit-learn onnxruntime`: its
@@ -40,16 +41,17 @@ SHOWN = ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1")
 BF16_CHOICES = {"auto": None, "on": True, "encoder": BF16_ENCODER, "off": False}
 
 
-def sound2sheet_systems(model_path: str, batch_size: int, unrefined: bool,
+def sound2sheet_systems(model_path: str, batch_size: int, unrefined: bool, window_overlap: float | None = None,
                         **transcribe_kwargs) -> Dict[str, Callable[[str], List[Note]]]:
-    """The model as shipped (notes placed on its frame head when it has one), and with `unrefined` also as the
-    decoder alone wrote them (`refine_notes=False`); `transcribe_kwargs` (bf16, num_beams) go to every call."""
+    """The model as shipped (notes placed on its frame head when it has one, on windows overlapping by
+    `window_overlap` seconds: None, the library's default), and with `unrefined` also as the decoder alone wrote them
+    (`refine_notes=False`, windows end to end); `transcribe_kwargs` (bf16, num_beams) go to every call."""
     if os.path.sep in model_path and not os.path.isdir(model_path):
         raise SystemExit(f"--model {model_path}: no such model folder (train one: see README.md, 'The model')")
     model = Sound2SheetForConditionalGeneration.from_pretrained(model_path).eval()
     processor = Sound2SheetProcessor.from_pretrained(model_path)
     options = dict(batch_size=batch_size or None, **transcribe_kwargs)
-    systems = {"sound2sheet": lambda path: processor.transcribe(path, model, **options)}
+    systems = {"sound2sheet": lambda path: processor.transcribe(path, model, window_overlap=window_overlap, **options)}
     if unrefined:
         if not model.has_frame_head:
             raise SystemExit(f"--unrefined: {model_path} has no frame head, so its notes are the decoder's already")
@@ -127,6 +129,8 @@ def main():
     parser.add_argument("--bf16", choices=list(BF16_CHOICES), default="auto",
                         help="bfloat16 autocast for Sound2Sheet (auto: the encoder where the CPU computes it natively)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
+    parser.add_argument("--window-overlap", type=float, default=None,
+                        help="seconds by which the windows overlap when the notes are refined (default: the library's)")
     parser.add_argument("--audio", nargs="+", default=None,
                         help="score these recordings instead of a split, each against the MIDI file beside it (.mid)")
     args = parser.parse_args()
@@ -138,7 +142,7 @@ def main():
     pieces = pieces[: args.max_pieces]
     beams = {"num_beams": args.num_beams} if args.num_beams > 1 else {}  # greedy: the library's default search
     systems: Dict[str, Callable[[str], List[Note]]] = sound2sheet_systems(
-        args.model, args.batch_size, args.unrefined, bf16=BF16_CHOICES[args.bf16], **beams)
+        args.model, args.batch_size, args.unrefined, args.window_overlap, bf16=BF16_CHOICES[args.bf16], **beams)
     other = None if args.no_basic_pitch else basic_pitch_system(threads=args.threads)
     if other is not None:
         systems["basic-pitch 0.4.0"] = other
@@ -147,7 +151,7 @@ def main():
     seconds = sum(piece.seconds for piece in pieces)
     source = "the given recordings" if args.audio else f"{args.manifest_dir} ({args.split})"
     print(f"{len(pieces)} pieces, {seconds / 60:.1f} min of audio from {source}; model {args.model}, bf16 {args.bf16}, "
-          f"{args.num_beams} beam(s)")
+          f"{args.num_beams} beam(s), window overlap {'default' if args.window_overlap is None else args.window_overlap}")
 
     scores = {name: [] for name in systems}
     cpu = {name: 0.0 for name in systems}

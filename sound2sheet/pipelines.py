@@ -4,8 +4,9 @@ transformers' own ASR pipeline cannot serve Sound2Sheet as it is: it only treats
 as sequence-to-sequence (registering with `AutoModelForSpeechSeq2Seq` is not enough, it falls back to CTC), it reads
 files with ffmpeg and resamples with torchaudio, and its `chunk_length_s` concatenates chunk outputs instead of
 stitching held notes. `Sound2SheetPipeline` subclasses it: for a Sound2Sheet model it loads audio with the project's
-own reader (soundfile + soxr), cuts it into the model's windows, decodes each window with `generate()` (windows of all
-inputs batched with `batch_size`) and stitches the notes; for any other model it is the stock pipeline, unchanged.
+own reader (soundfile + soxr), cuts it into the model's windows (overlapping as in `Sound2SheetProcessor.transcribe`
+when the notes are placed on the frame head), decodes each window with `generate()` (windows of all inputs batched
+with `batch_size`) and joins the notes; for any other model it is the stock pipeline, unchanged.
 
 Importing `sound2sheet` registers it for the `automatic-speech-recognition` task, so that
 
@@ -26,7 +27,15 @@ from transformers.pipelines import PIPELINE_REGISTRY, AutomaticSpeechRecognition
 from .feature_extraction_sound2sheet import load_audio
 from .modeling_sound2sheet import Sound2SheetForConditionalGeneration
 from .generation_sound2sheet import with_note_grammar
-from .processing_sound2sheet import clip_notes, generate_with_frames, refine_notes_with_frames, resolve_refine_notes
+from .processing_sound2sheet import (
+    clip_notes,
+    decode_owned_notes,
+    generate_with_frames,
+    refine_notes_with_frames,
+    resolve_refine_notes,
+    resolve_window_overlap,
+    windows_needed,
+)
 
 ASR_TASK = "automatic-speech-recognition"
 
@@ -40,7 +49,7 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
     the input. Generation options (`num_beams`, `do_sample`, `max_new_tokens`, ... or `generate_kwargs={...}`) are
     passed to `model.generate()`, which keeps to the note-event grammar unless `grammar=False`; `batch_size` batches
     windows. Notes are placed on the model's frame head as in `Sound2SheetProcessor.transcribe` unless
-    `refine_notes=False`.
+    `refine_notes=False`, on windows that overlap by `window_overlap` seconds (default as in `transcribe`).
     """
 
     def __init__(self, model, *args, **kwargs):
@@ -72,7 +81,12 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
         kwargs.pop("ignore_warning", None)
         forward_params = dict(kwargs.pop("generate_kwargs", None) or {})
         forward_params.update(kwargs)
-        return {}, forward_params, {}
+        refine = resolve_refine_notes(forward_params.pop("refine_notes", None), self.model)
+        overlap = resolve_window_overlap(
+            forward_params.pop("window_overlap", None), refine, self.feature_extractor.window_seconds
+        )
+        forward_params["refine_notes"] = refine
+        return {"window_overlap": overlap}, forward_params, {"window_overlap": overlap}
 
     def _load(self, inputs) -> np.ndarray:
         rate = self.feature_extractor.sampling_rate
@@ -89,30 +103,32 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
             return load_audio(inputs, sampling_rate=rate, orig_sampling_rate=rate)
         raise TypeError(f"Expected a file path, a numpy array or a {{'raw', 'sampling_rate'}} dict, got {type(inputs).__name__}.")
 
-    def preprocess(self, inputs, **kwargs):
+    def preprocess(self, inputs, window_overlap: float = 0.0, **kwargs):
         if not self.is_sound2sheet:
             yield from super().preprocess(inputs, **kwargs)
             return
         samples = self._load(inputs)
+        rate = self.feature_extractor.sampling_rate
         size = self.window_samples
-        starts = list(range(0, max(len(samples), 1), size))
+        hop = size - int(round(window_overlap * rate))
+        starts = [index * hop for index in range(windows_needed(len(samples) / rate, size / rate, hop / rate))]
         for index, start in enumerate(starts):
             window = samples[start : start + size]
             if len(window) < size:
                 window = np.pad(window, (0, size - len(window)))
-            features = self.feature_extractor(window, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt")
+            features = self.feature_extractor(window, sampling_rate=rate, return_tensors="pt")
             yield {
                 "is_last": index == len(starts) - 1,
                 "input_values": features["input_values"],
-                "window_start": torch.tensor([start / self.feature_extractor.sampling_rate], dtype=torch.float64),
-                "audio_seconds": torch.tensor([len(samples) / self.feature_extractor.sampling_rate], dtype=torch.float64),
+                "window_start": torch.tensor([index * (hop / rate)], dtype=torch.float64),  # as `transcribe`'s
+                "audio_seconds": torch.tensor([len(samples) / rate], dtype=torch.float64),
             }
 
     def _forward(self, model_inputs, **generate_kwargs):
         if not self.is_sound2sheet:
             return super()._forward(model_inputs, **generate_kwargs)
         input_values = model_inputs["input_values"].to(self.model.device)
-        refine = resolve_refine_notes(generate_kwargs.pop("refine_notes", None), self.model)
+        refine = generate_kwargs.pop("refine_notes")
         generate_kwargs = with_note_grammar(self._prepare_generate_kwargs(generate_kwargs), self.tokenizer)
         tokens, frames = generate_with_frames(self.model, input_values, refine, **generate_kwargs)
         outputs = {
@@ -125,7 +141,7 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
             outputs["frames"] = frames
         return outputs
 
-    def postprocess(self, model_outputs, **kwargs) -> dict[str, Any]:
+    def postprocess(self, model_outputs, window_overlap: float = 0.0, **kwargs) -> dict[str, Any]:
         if not self.is_sound2sheet:
             return super().postprocess(model_outputs, **kwargs)
         windows, starts = [], []
@@ -133,10 +149,11 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
             tokens = output["tokens"].reshape(-1).tolist()
             windows.append(tokens[1:])  # drop the decoder start token
             starts.append(float(output["window_start"].reshape(-1)[0]))
-        notes = self.tokenizer.decode_windows(windows, starts, window_length=self.feature_extractor.window_seconds)
+        notes = decode_owned_notes(self.tokenizer, windows, starts, self.feature_extractor.window_seconds, window_overlap)
         if "frames" in model_outputs[0]:
             frames = [output["frames"].reshape(output["frames"].shape[-2:]).cpu().numpy() for output in model_outputs]
-            notes = refine_notes_with_frames(notes, frames, starts, self.model.config.frame_grid)
+            grid = self.model.config.frame_grid
+            notes = refine_notes_with_frames(notes, frames, starts, grid, window_overlap=window_overlap)
         seconds = float(model_outputs[0]["audio_seconds"].reshape(-1)[0])
         text = " | ".join(self.tokenizer.decode(window, skip_special_tokens=True) for window in windows)
         return {"text": text, "notes": clip_notes(notes, seconds)}

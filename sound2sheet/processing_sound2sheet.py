@@ -34,14 +34,31 @@ T = TypeVar("T")
 GENERATION_STRATEGIES = ("greedy", "beam", "sample")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute in bfloat16 natively
 BF16_ENCODER = "encoder"  # `transcribe(bf16=...)`: bfloat16 autocast for the encoder, the decoder in float32
-# Notes placed on the frame head (`refine_notes_with_frames`), settings chosen on the validation split of
-# data/piano-synth: a peak of the onset head counts from ONSET_THRESHOLD, a decoded onset moves at most ONSET_REACH
-# seconds to reach one, and a pitch sounds while its probability is at least SUSTAIN_THRESHOLD.
-# An onset peak from ADDED_ONSET_THRESHOLD that no decoded note took becomes a note of its own (the decoder missed it).
+# Notes placed on the frame head (`refine_notes_with_frames`): a peak of the onset head counts from ONSET_THRESHOLD, a
+# decoded onset moves at most ONSET_REACH seconds to reach one, an onset peak from ADDED_ONSET_THRESHOLD that no decoded
+# note took becomes a note of its own (the decoder missed it), and a pitch sounds while its probability is at least
+# SUSTAIN_THRESHOLD, through silences of up to SUSTAIN_GAP seconds; a note ends OFFSET_LEAD seconds before the head
+# stops hearing it (the head's patches span 160 ms, and it hears a pitch a little past its release: short notes came
+# out late). ONSET_THRESHOLD and ONSET_REACH were chosen on the validation split of data/piano-synth; the others, with
+# WINDOW_OVERLAP, with the stage-10 model on the 93 pieces of data/piano-synth-v4's (`benchmarks/quality.py
+# --manifest-dir data/piano-synth-v4 --split val --no-basic-pitch`): onset F1 / onset+offset F1 0.885 / 0.652 as they
+# are, 0.867 / 0.626 with the windows end to end (`--window-overlap 0`), 0.863 / 0.540 with the earlier settings
+# (0.35, 0.3, no gap, no lead, windows end to end). Along the way, without the lead: 0.867 / 0.601 end to end,
+# 0.885 / 0.626 overlapping by 0.32 s, 0.883 / 0.619 by 0.16 s; then with a lead of 0.02, 0.03 or 0.04 s: 0.647,
+# 0.652, 0.650 on onset+offset (0.03 s with a sounding threshold of 0.3 or 0.5: 0.647). Added onsets from 0.35 to
+# 0.6 and sounding from 0.3 to 0.5 moved onsets by at most 0.003; a gap of 0.16 or 0.32 s was 0.006 lower.
 ONSET_THRESHOLD = 0.06
 ONSET_REACH = 0.25
-SUSTAIN_THRESHOLD = 0.3
-ADDED_ONSET_THRESHOLD = 0.35
+SUSTAIN_THRESHOLD = 0.4
+SUSTAIN_GAP = 0.24
+OFFSET_LEAD = 0.03
+ADDED_ONSET_THRESHOLD = 0.45
+# Refined transcription overlaps consecutive windows by WINDOW_OVERLAP seconds (1.14x the windows) and takes each
+# stretch of audio from the window it lies furthest inside (`window_ownership`). Cut end to end, the frame head has no
+# column over a seam (its columns are 160 ms apart there instead of 40 ms) and hears the first and last 160 ms of a
+# window without the context on one side: on the validation split of data/piano-synth, onset recall was 0.62 and 0.45
+# in those stretches, against 0.74-0.87 elsewhere.
+WINDOW_OVERLAP = 0.32
 # Transcription batching, measured on 2 CPU cores (benchmarks/speed.py, benchmarks/transcribe_memory.py). Windows per
 # decoding batch: sampling (and greedy search, before continuous batching) decodes in rounds that set finished windows
 # aside, so a large batch shares each step's overhead among many rows (greedy, a 5-minute piece, 2 threads: 14.7x
@@ -185,11 +202,17 @@ def _window_peaks(
     probabilities (see `onset_peaks`)."""
     first, step, _ = frame_grid
     probs = np.asarray(probabilities, dtype=np.float32)
-    is_peak = probs > threshold
-    is_peak[1:] &= probs[1:] >= probs[:-1]
-    is_peak[:-1] &= probs[:-1] > probs[1:]
-    for column, pitch in zip(*np.nonzero(is_peak)):
+    for column, pitch in zip(*_peak_cells(probs, threshold)):
         yield int(pitch), round(float(window_start) + first + step * int(column), 6), float(probs[column, pitch])
+
+
+def _peak_cells(probabilities: np.ndarray, threshold: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the cells of a (time, pitches) table over `threshold` and a maximum along time (of a
+    plateau, the last row)."""
+    is_peak = probabilities > threshold
+    is_peak[1:] &= probabilities[1:] >= probabilities[:-1]
+    is_peak[:-1] &= probabilities[:-1] > probabilities[1:]
+    return np.nonzero(is_peak)
 
 
 def place_notes_on_onsets(notes: Iterable[Note], peaks: Dict[int, np.ndarray], reach: float = ONSET_REACH) -> List[Note]:
@@ -248,24 +271,40 @@ def end_notes_on_sustain(
     sounding: Sequence[np.ndarray],
     window_starts: Sequence[float],
     frame_grid: Tuple[float, float, int],
+    first_columns: Optional[Sequence[int]] = None,
+    gap: float = SUSTAIN_GAP,
+    lead: float = OFFSET_LEAD,
 ) -> List[Note]:
     """Notes whose offsets come from where the frame head hears their pitch, in onset order.
 
-    A note ends halfway between the last column (from one column after its onset) where its pitch sounds and the
-    next column, where it does not; at the latest when its pitch starts again, and at the end of the last window when
-    the pitch sounds to the end.
+    From one column after its onset, a note sounds while its pitch does, through silences of up to `gap` seconds
+    after which the pitch sounds again, up to halfway between its last sounding column and the next; at the latest up
+    to where its pitch starts again, and to the end of the last window when the pitch sounds to the end. It ends `lead`
+    seconds before that (one time step after its onset at the earliest).
 
     Args:
         notes: notes with their onsets placed (`place_notes_on_onsets`).
         sounding: per window, a (columns, pitches) boolean array: the frame head's sounding probability (the second
             half of `Sound2SheetForConditionalGeneration.frame_probabilities`) at least `SUSTAIN_THRESHOLD`.
         window_starts, frame_grid: as for `onset_peaks`.
+        first_columns: per window, the column of its window that the first row of its `sounding` array is (the
+            rows are consecutive columns); None: 0 for every window. Overlapping windows keep only the columns they
+            own (`window_ownership`), so that the rows of all windows follow each other in time.
+        gap: the longest silence, in seconds (rounded to whole columns), that a note sounds through.
+        lead: seconds by which a note ends before the head stops hearing it (`OFFSET_LEAD`).
     """
-    first, step, columns = frame_grid
+    first, step, _ = frame_grid
+    bridged = int(round(gap / step))
     notes = sort_notes(notes)
     if not notes:
         return []
-    times = np.concatenate([float(start) + first + step * np.arange(columns) for start in window_starts])
+    first_columns = [0] * len(window_starts) if first_columns is None else first_columns
+    times = np.concatenate(
+        [
+            float(start) + first + step * (column + np.arange(len(window)))
+            for window, start, column in zip(sounding, window_starts, first_columns)
+        ]
+    )
     heard = np.concatenate([np.asarray(window, dtype=bool) for window in sounding])
     restarts: Dict[int, list] = {}
     for note in notes:  # in onset order, so each pitch's onsets come out sorted
@@ -273,14 +312,71 @@ def end_notes_on_sustain(
     ended = []
     for note in notes:
         begin = int(np.searchsorted(times, note.onset + step, side="left"))
-        silent = np.flatnonzero(~heard[begin:, note.pitch])
-        offset = float(times[begin + silent[0]] - step / 2) if len(silent) else float(times[-1] + step / 2)
+        column = heard[begin:, note.pitch]
+        sounds = np.flatnonzero(column)
+        breaks = np.flatnonzero(np.diff(sounds, prepend=-1) > bridged + 1)  # silences too long to sound through
+        held = sounds[: breaks[0]] if len(breaks) else sounds
+        end = int(held[-1]) + 1 if len(held) else 0  # the column after the note's last sounding one
+        offset = float(times[begin + end] - step / 2) if end < len(column) else float(times[-1] + step / 2)
         onsets = restarts[note.pitch]
         later = bisect.bisect_right(onsets, note.onset)  # the pitch's next onset, if any
         if later < len(onsets):
             offset = min(offset, onsets[later])
+        offset -= lead
         ended.append(Note(note.onset, round(max(offset, note.onset + MIN_NOTE_SECONDS), 6), note.pitch, note.velocity))
     return ended
+
+
+def window_ownership(window_starts: Sequence[float], overlap: float) -> List[Tuple[float, float]]:
+    """The stretch of time, [begin, end) in seconds, whose onsets and frames each of the windows starting at
+    `window_starts` (in order, overlapping by `overlap` seconds) is trusted with: from half the overlap after its
+    start to where the next window's begins; the first window's from minus infinity, the last's to infinity. Each
+    moment belongs to exactly one window, the one it lies furthest inside. Without overlap, a window owns itself."""
+    begins = [-math.inf] + [round(float(start) + overlap / 2, 6) for start in window_starts[1:]]
+    return list(zip(begins, begins[1:] + [math.inf]))
+
+
+def resolve_window_overlap(window_overlap: Optional[float], refine: bool, window_seconds: float) -> float:
+    """Seconds by which `transcribe` overlaps consecutive windows: `window_overlap` if given, else `WINDOW_OVERLAP`
+    when the notes are refined on the frame head and 0 otherwise.
+
+    Raises:
+        ValueError: `window_overlap` is not in [0, `window_seconds`), or is over 0 without `refine` (unrefined notes
+            held across windows are stitched through the tie sections of windows that follow each other end to end).
+    """
+    if window_overlap is None:
+        return WINDOW_OVERLAP if refine else 0.0
+    overlap = float(window_overlap)
+    if not 0 <= overlap < window_seconds:
+        raise ValueError(f"window_overlap must be in [0, {window_seconds}) seconds, got {window_overlap}.")
+    if overlap and not refine:
+        raise ValueError(
+            "window_overlap > 0 needs refine_notes: without the frame head, notes held across windows are stitched "
+            "through the tie sections of windows that follow each other end to end."
+        )
+    return overlap
+
+
+def windows_needed(duration: float, window_seconds: float, hop: float) -> int:
+    """How many windows, each starting `hop` seconds after the one before, cover `duration` seconds of audio: one,
+    and one more for each hop while the audio goes on past what the window before holds."""
+    return max(1, math.ceil(round((duration - (window_seconds - hop)) / hop, 6)))
+
+
+def decode_owned_notes(
+    tokenizer, windows: Sequence[Sequence[int]], window_starts: Sequence[float], window_length: float, overlap: float
+) -> List[Note]:
+    """The notes of windows that overlap by `overlap` seconds, in onset order: each window's notes (decoded alone)
+    whose onsets lie in the stretch it owns (`window_ownership`). A note held past the end of its window ends there:
+    the frame head gives the offsets (`FrameEvidence`). Without overlap, `tokenizer.decode_windows`, which stitches
+    held notes through the windows' tie sections."""
+    if not overlap:
+        return tokenizer.decode_windows(windows, window_starts, window_length=window_length)
+    notes = []
+    for ids, start, (begin, end) in zip(windows, window_starts, window_ownership(window_starts, overlap)):
+        decoded = tokenizer.decode_windows([ids], [start], window_length=window_length)
+        notes.extend(note for note in decoded if begin <= note.onset < end)
+    return sort_notes(notes)
 
 
 class FrameEvidence:
@@ -288,28 +384,68 @@ class FrameEvidence:
     probabilities, and a boolean table of where each pitch sounds: about 8 kB per window instead of the 62 kB of
     probabilities), to place the decoded notes on it once the piece is decoded (`place`).
 
+    Of windows that overlap by `overlap` seconds, each keeps only the columns of the stretch it owns
+    (`window_ownership`), and the onset peaks are found along the columns kept from all windows, in time order.
+    Without overlap, each window's peaks are its own.
+
     Args:
         frame_grid: the model's `config.frame_grid`.
+        overlap: seconds by which consecutive windows overlap.
     """
 
-    def __init__(self, frame_grid: Tuple[float, float, int]):
+    def __init__(self, frame_grid: Tuple[float, float, int], overlap: float = 0.0):
         self.frame_grid = tuple(frame_grid)
+        self.overlap = float(overlap)
         self.peaks: Dict[int, List[Tuple[float, float]]] = {}
         self.sounding: List[np.ndarray] = []
         self.window_starts: List[float] = []
+        self.first_columns: List[int] = []
+        self._onsets: Optional[np.ndarray] = None  # the last window's onset probabilities, until the next comes
+        self._before: Optional[np.ndarray] = None  # the last column kept of the window before it
 
     def add(self, frame_probabilities: np.ndarray, window_start: float):
-        """Take one window's (columns, 256) `model.frame_probabilities`, starting at `window_start` seconds."""
+        """Take one window's (columns, 256) `model.frame_probabilities`, starting at `window_start` seconds (windows
+        in order)."""
         probabilities = np.asarray(frame_probabilities, dtype=np.float32)
-        for pitch, time, probability in _window_peaks(probabilities[:, :FRAME_PITCHES], window_start, self.frame_grid, ONSET_THRESHOLD):
-            self.peaks.setdefault(pitch, []).append((time, probability))
-        self.sounding.append(probabilities[:, FRAME_PITCHES:] >= SUSTAIN_THRESHOLD)
-        self.window_starts.append(float(window_start))
+        window_start = float(window_start)
+        begin = 0
+        if self.window_starts:  # this window owns from half the overlap on, the one before up to there
+            first, step, _ = self.frame_grid
+            begin = max(0, math.ceil(round((self.overlap / 2 - first) / step, 6)))
+            self._close_last(round(window_start + self.overlap / 2, 6), probabilities[begin : begin + 1, :FRAME_PITCHES])
+        self._onsets = probabilities[begin:, :FRAME_PITCHES].copy()
+        self.sounding.append(probabilities[begin:, FRAME_PITCHES:] >= SUSTAIN_THRESHOLD)
+        self.window_starts.append(window_start)
+        self.first_columns.append(begin)
+
+    def _close_last(self, end: Optional[float], following: Optional[np.ndarray]):
+        """Cut the last window's columns at `end` seconds (None: keep them all) and take its onset peaks; with
+        overlap, a peak is a maximum along the columns kept from all windows (`following`: the next window's first)."""
+        first, step, _ = self.frame_grid
+        onsets, begin = self._onsets, self.first_columns[-1]
+        times = np.round(self.window_starts[-1] + first + step * (begin + np.arange(len(onsets))), 6)
+        if end is not None:
+            kept = int(np.searchsorted(times, end, side="left"))
+            onsets, times = onsets[:kept], times[:kept]
+            self.sounding[-1] = self.sounding[-1][:kept]
+        before = self._before if self.overlap else None
+        following = following if self.overlap else None
+        table = np.concatenate([rows for rows in (before, onsets, following) if rows is not None])
+        shift = 0 if before is None else len(before)
+        for row, pitch in zip(*_peak_cells(table, ONSET_THRESHOLD)):
+            if shift <= row < shift + len(onsets):
+                self.peaks.setdefault(int(pitch), []).append((float(times[row - shift]), float(table[row, pitch])))
+        if len(onsets):
+            self._before = onsets[-1:]
+        self._onsets = None
 
     def place(self, notes: Iterable[Note], added_onset_threshold: Optional[float] = ADDED_ONSET_THRESHOLD) -> List[Note]:
         """`notes` with onsets on the onset peaks (`place_notes_on_onsets`, which drops the notes the head does not
         support), the peaks from `added_onset_threshold` that no note took added as notes (`add_missed_onsets`; None:
-        none added), and offsets where their pitch stops sounding (`end_notes_on_sustain`)."""
+        none added), and offsets where their pitch stops sounding (`end_notes_on_sustain`). Call it once all windows
+        are added."""
+        if self._onsets is not None:
+            self._close_last(None, None)
         notes = list(notes)
         peaks = {}
         for pitch, found in self.peaks.items():
@@ -318,7 +454,7 @@ class FrameEvidence:
         placed = place_notes_on_onsets(notes, {pitch: times for pitch, (times, _) in peaks.items()})
         if added_onset_threshold is not None:
             placed = add_missed_onsets(placed, peaks, notes, added_onset_threshold)
-        return end_notes_on_sustain(placed, self.sounding, self.window_starts, self.frame_grid)
+        return end_notes_on_sustain(placed, self.sounding, self.window_starts, self.frame_grid, self.first_columns)
 
 
 def refine_notes_with_frames(
@@ -327,6 +463,7 @@ def refine_notes_with_frames(
     window_starts: Sequence[float],
     frame_grid: Tuple[float, float, int],
     added_onset_threshold: Optional[float] = ADDED_ONSET_THRESHOLD,
+    window_overlap: float = 0.0,
 ) -> List[Note]:
     """Decoded notes placed on the frame head's predictions: onsets on its onset peaks (`place_notes_on_onsets`, which
     also drops the notes it does not support), the head's sure onsets that the decoder missed added
@@ -340,8 +477,10 @@ def refine_notes_with_frames(
     Args:
         frame_probabilities: per window, the (columns, 256) array of `model.frame_probabilities`: onset
             probabilities of the 128 MIDI pitches, then sounding probabilities.
+        window_overlap: seconds by which the windows overlap; each is trusted with the frames of the stretch it
+            owns (`FrameEvidence`). The notes of overlapping windows come from `decode_owned_notes`.
     """
-    evidence = FrameEvidence(frame_grid)
+    evidence = FrameEvidence(frame_grid, window_overlap)
     for probabilities, start in zip(frame_probabilities, window_starts):
         evidence.add(probabilities, start)
     return evidence.place(notes, added_onset_threshold)
@@ -489,11 +628,13 @@ class Sound2SheetProcessor(ProcessorMixin):
 
     - `processor(audio=..., notes=...)` makes model inputs for one window: `input_values` (+ `attention_mask`) from the
       audio, and `labels` (padded with -100) from the notes, for training.
-    - `processor.transcribe(audio, model)` transcribes audio of any length: it cuts the audio into consecutive windows
-      while reading it, runs them through `model.generate()` in batches, and stitches the notes across window boundaries
-      with the tokenizer's tie section, so a note held across windows comes out as one note. With a model that has a
-      frame head, the notes are then placed on its onsets and offsets (`refine_notes_with_frames`). Memory is bounded by
-      the window batch, not by the audio length (of past windows, only the tokens and the compact frame evidence stay).
+    - `processor.transcribe(audio, model)` transcribes audio of any length: it cuts the audio into windows while
+      reading it and runs them through `model.generate()` in batches. With a model that has a frame head, the windows
+      overlap (`WINDOW_OVERLAP`), each stretch of audio gets its notes and frames from the window it lies furthest
+      inside, and the notes are placed on the head's onsets and offsets (`refine_notes_with_frames`). Without one, the
+      windows follow each other end to end and the notes are stitched across their boundaries with the tokenizer's tie
+      section, so a note held across windows comes out as one note. Memory is bounded by the window batch, not by the
+      audio length (of past windows, only the tokens and the compact frame evidence stay).
 
     Args:
         feature_extractor ([`Sound2SheetFeatureExtractor`]): makes log-mel windows.
@@ -552,21 +693,45 @@ class Sound2SheetProcessor(ProcessorMixin):
         """Readable text of token ids; see the tokenizer's `decode`."""
         return self.tokenizer.decode(*args, **kwargs)
 
-    def iter_windows(self, audio: AudioInput, sampling_rate: Optional[int] = None) -> Iterator[np.ndarray]:
-        """Consecutive mono windows at the extractor's rate (the last one zero-padded).
+    def iter_windows(
+        self, audio: AudioInput, sampling_rate: Optional[int] = None, overlap: float = 0.0
+    ) -> Iterator[np.ndarray]:
+        """Mono windows at the extractor's rate, each starting `window_hop(overlap)` seconds after the one before
+        (the last one zero-padded), `count_windows` of them.
 
         Files are read block by block; an array is resampled from `sampling_rate` (default: the extractor's rate).
+
+        Raises:
+            ValueError: `overlap` is not in [0, `window_seconds`).
         """
         target = self.feature_extractor.sampling_rate
+        overlap_samples = int(round(overlap * target))
+        if not 0 <= overlap_samples < self.window_samples:
+            raise ValueError(f"overlap must be in [0, {self.window_seconds}) seconds, got {overlap}.")
+        hop = self.window_samples - overlap_samples
         if isinstance(audio, (str, os.PathLike)):
-            yield from iter_audio_windows(audio, self.window_samples, sampling_rate=target)
+            pieces = iter_audio_windows(audio, hop, sampling_rate=target)
+        else:
+            samples = load_audio(np.asarray(audio), sampling_rate=target, orig_sampling_rate=sampling_rate or target)
+            pieces = (np.pad(samples[start : start + hop], (0, max(0, start + hop - len(samples))))
+                      for start in range(0, max(len(samples), 1), hop))
+        if not overlap_samples:
+            yield from pieces
             return
-        samples = load_audio(np.asarray(audio), sampling_rate=target, orig_sampling_rate=sampling_rate or target)
-        for start in range(0, max(len(samples), 1), self.window_samples):
-            window = samples[start : start + self.window_samples]
-            if len(window) < self.window_samples:
-                window = np.pad(window, (0, self.window_samples - len(window)))
-            yield window
+        count = self.count_windows(audio, sampling_rate, overlap)
+        piece = next(pieces)
+        for _ in range(count):  # a window is a hop of audio and the start of the next one
+            following = next(pieces, None)
+            head = np.zeros(overlap_samples, dtype=piece.dtype) if following is None else following[:overlap_samples]
+            yield np.concatenate([piece, head])
+            if following is None:
+                return
+            piece = following
+
+    def window_hop(self, overlap: float = 0.0) -> float:
+        """Seconds from the start of one window to the next when windows overlap by `overlap` seconds."""
+        rate = self.feature_extractor.sampling_rate
+        return (self.window_samples - int(round(overlap * rate))) / rate
 
     def duration(self, audio: AudioInput, sampling_rate: Optional[int] = None) -> float:
         """Length in seconds of a file (from its header) or of an array at `sampling_rate`."""
@@ -574,9 +739,9 @@ class Sound2SheetProcessor(ProcessorMixin):
             return audio_duration(audio)
         return len(np.asarray(audio)) / float(sampling_rate or self.feature_extractor.sampling_rate)
 
-    def count_windows(self, audio: AudioInput, sampling_rate: Optional[int] = None) -> int:
-        """How many windows `iter_windows` yields for this (file or mono array) audio."""
-        return max(1, math.ceil(round(self.duration(audio, sampling_rate) / self.window_seconds, 6)))
+    def count_windows(self, audio: AudioInput, sampling_rate: Optional[int] = None, overlap: float = 0.0) -> int:
+        """How many windows `iter_windows` yields for this (file or mono array) audio (`windows_needed`)."""
+        return windows_needed(self.duration(audio, sampling_rate), self.window_seconds, self.window_hop(overlap))
 
     def encoded_batches(
         self,
@@ -695,6 +860,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         bf16: Union[bool, str, None] = None,
         refine_notes: Optional[bool] = None,
         encode_ahead: Optional[bool] = None,
+        window_overlap: Optional[float] = None,
         **generate_kwargs: Any,
     ) -> List[Note]:
         """Transcribe audio of any length into notes (seconds from the start of the audio), in onset order.
@@ -717,6 +883,10 @@ class Sound2SheetProcessor(ProcessorMixin):
                 its onset peaks, dropping the notes it does not support; its sure onsets that no decoded note took
                 added as notes; offsets where it stops hearing the pitch). None (default): exactly when the model has
                 a frame head (`model.has_frame_head`).
+            window_overlap: seconds by which consecutive windows overlap, each trusted with the notes and frames
+                of the stretch it lies furthest inside (`window_ownership`); over 0 only with refined notes. None
+                (default): `WINDOW_OVERLAP` (0.32 s, 1.14x the windows) with refined notes, else 0. The seams of
+                windows cut end to end lose notes (see `WINDOW_OVERLAP`).
             encode_ahead: read, featurise and encode the windows in a background thread (all of them: the first
                 while this thread waits, each next one while the ones before decode), with torch's threads
                 (`torch.get_num_threads()`) shared out between the two (half each) for the duration of the call and
@@ -739,9 +909,11 @@ class Sound2SheetProcessor(ProcessorMixin):
             target = self.feature_extractor.sampling_rate
             audio = load_audio(np.asarray(audio), sampling_rate=target, orig_sampling_rate=sampling_rate or target)
             sampling_rate = target
-        windows = self.iter_windows(audio, sampling_rate)
         refine = resolve_refine_notes(refine_notes, model)
-        evidence = FrameEvidence(model.config.frame_grid) if refine else None
+        overlap = resolve_window_overlap(window_overlap, refine, self.window_seconds)
+        hop = self.window_hop(overlap)
+        windows = self.iter_windows(audio, sampling_rate, overlap)
+        evidence = FrameEvidence(model.config.frame_grid, overlap) if refine else None
         token_windows = []
         outputs = self.generate_windows(
             windows, model, batch_size=batch_size, bf16=bf16, return_frames=refine, encode_ahead=encode_ahead, **generate_kwargs
@@ -750,14 +922,15 @@ class Sound2SheetProcessor(ProcessorMixin):
             from tqdm.auto import tqdm
 
             name = os.path.basename(os.fspath(audio)) if isinstance(audio, (str, os.PathLike)) else "audio"
-            outputs = tqdm(outputs, total=self.count_windows(audio, sampling_rate), desc=name, unit="window", leave=False)
+            total = self.count_windows(audio, sampling_rate, overlap)
+            outputs = tqdm(outputs, total=total, desc=name, unit="window", leave=False)
         for output in outputs:
             if refine:  # keep only the compact evidence of each window's frame table
                 output, frames = output
-                evidence.add(frames, len(token_windows) * self.window_seconds)
+                evidence.add(frames, len(token_windows) * hop)
             token_windows.append(output)
-        starts = [index * self.window_seconds for index in range(len(token_windows))]
-        notes = self.tokenizer.decode_windows(token_windows, starts, window_length=self.window_seconds)
+        starts = [index * hop for index in range(len(token_windows))]
+        notes = decode_owned_notes(self.tokenizer, token_windows, starts, self.window_seconds, overlap)
         if refine:
             notes = evidence.place(notes)
         notes = clip_notes(notes, self.duration(audio))
@@ -782,5 +955,11 @@ __all__ = [
     "end_notes_on_sustain",
     "refine_notes_with_frames",
     "FrameEvidence",
+    "window_ownership",
+    "decode_owned_notes",
+    "resolve_window_overlap",
+    "WINDOW_OVERLAP",
+    "OFFSET_LEAD",
+    "SUSTAIN_GAP",
     "GENERATION_STRATEGIES",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import threading
 import time
@@ -39,6 +40,10 @@ from sound2sheet.processing_sound2sheet import (
     onset_peaks,
     place_notes_on_onsets,
     refine_notes_with_frames,
+    decode_owned_notes,
+    FrameEvidence,
+    WINDOW_OVERLAP,
+    window_ownership,
     resolve_refine_notes,
     strategy_generate_kwargs,
 )
@@ -460,12 +465,13 @@ def test_refine_notes_with_frames_adds_the_onsets_the_decoder_missed():
     probabilities[:, 60] = [0.1, 0.9, 0.3, 0.5, 0.2]  # onset peaks at 0.115 and 0.195
     probabilities[:, 128 + 60] = 0.9  # sounds to the end of the window
     decoded = [Note(0.1, 0.2, 60, 80)]
+    # the notes end OFFSET_LEAD (0.03 s) before the head stops hearing them
     assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid) == [
-        Note(0.115, 0.195, 60, 80),  # placed, and ended where the pitch starts again
-        Note(0.195, 0.255, 60, 80),  # added, ended half a column after the last one
+        Note(0.115, 0.165, 60, 80),  # placed, and ended before the pitch starts again
+        Note(0.195, 0.225, 60, 80),  # added, ended before half a column after the last one
     ]
-    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid, added_onset_threshold=0.6) == [Note(0.115, 0.255, 60, 80)]
-    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid, added_onset_threshold=None) == [Note(0.115, 0.255, 60, 80)]
+    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid, added_onset_threshold=0.6) == [Note(0.115, 0.225, 60, 80)]
+    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid, added_onset_threshold=None) == [Note(0.115, 0.225, 60, 80)]
 
 
 def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():  # (sounding: probability >= 0.5 here)
@@ -484,7 +490,7 @@ def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():  # (soundin
         Note(0.075, 0.2, 65, 50),
         Note(0.075, 0.2, 66, 40),  # never heard: the same
     ]
-    ended = end_notes_on_sustain(notes, [first >= 0.5, second >= 0.5], [0.0, 0.26], grid)
+    ended = end_notes_on_sustain(notes, [first >= 0.5, second >= 0.5], [0.0, 0.26], grid, gap=0.0, lead=0.0)
     assert ended == [
         Note(0.075, 0.175, 60, 80),
         Note(0.075, 0.395, 62, 70),
@@ -502,32 +508,172 @@ def frame_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-frame-model"), frame_loss_weight=1.0)
 
 
-@pytest.mark.parametrize("options", [{"do_sample": False}, {"do_sample": False, "num_beams": 2}], ids=["greedy", "beam"])
-def test_transcribe_places_the_decoded_notes_on_the_frame_head(frame_model_dir, audio_files, options):
-    model = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir).eval()
-    processor = Sound2SheetProcessor.from_pretrained(frame_model_dir)
-    assert model.has_frame_head and resolve_refine_notes(None, model)
-    # Rebuilt from the public pieces: tokens from generate() on the input values, probabilities from the encoder.
-    windows = list(processor.iter_windows(audio_files["flac"]))
+def rebuilt_refined_notes(model, processor, audio, overlap, **options):
+    """What `transcribe` should return with refined notes on windows overlapping by `overlap` seconds, rebuilt from the
+    public pieces: tokens from generate() on the input values, probabilities from the encoder."""
+    windows = list(processor.iter_windows(audio, overlap=overlap))
     inputs = processor.feature_extractor(windows, sampling_rate=16000, return_tensors="pt")["input_values"]
     with torch.inference_mode():
         grammar = LogitsProcessorList([NoteEventGrammarLogitsProcessor.from_tokenizer(processor.tokenizer)])
         tokens = [row[1:] for row in model.generate(input_values=inputs, logits_processor=grammar, **options).tolist()]
         hidden = model.get_encoder()(inputs).last_hidden_state
         probabilities = model.frame_probabilities(hidden)
-    assert probabilities.shape == (3, 61, 256) and probabilities.dtype == torch.float32
+    assert probabilities.shape == (len(windows), 61, 256) and probabilities.dtype == torch.float32
     assert torch.equal(probabilities, torch.sigmoid(model.frame_logits(hidden)))
-    starts = [0.0, 2.56, 5.12]
-    decoded = processor.tokenizer.decode_windows(tokens, starts, window_length=2.56)
-    expected = clip_notes(refine_notes_with_frames(decoded, probabilities.numpy(), starts, model.config.frame_grid), 6.0)
-    unrefined = clip_notes(decoded, 6.0)
-    assert expected and expected != unrefined  # the test would not tell the two apart otherwise
+    starts = [index * (2.56 - overlap) for index in range(len(windows))]
+    decoded = decode_owned_notes(processor.tokenizer, tokens, starts, 2.56, overlap)
+    grid = model.config.frame_grid
+    refined = refine_notes_with_frames(decoded, probabilities.numpy(), starts, grid, window_overlap=overlap)
+    return clip_notes(refined, 6.0), clip_notes(decoded, 6.0)
+
+
+@pytest.mark.parametrize("options", [{"do_sample": False}, {"do_sample": False, "num_beams": 2}], ids=["greedy", "beam"])
+def test_transcribe_places_the_decoded_notes_on_the_frame_head(frame_model_dir, audio_files, options):
+    model = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir).eval()
+    processor = Sound2SheetProcessor.from_pretrained(frame_model_dir)
+    assert model.has_frame_head and resolve_refine_notes(None, model)
+    audio = audio_files["flac"]  # 6 s: windows at 0, 2.56 and 5.12 s end to end; at 0, 2.24 and 4.48 s overlapping
+    assert processor.count_windows(audio, overlap=0.0) == processor.count_windows(audio, overlap=WINDOW_OVERLAP) == 3
+    expected, _ = rebuilt_refined_notes(model, processor, audio, WINDOW_OVERLAP, **options)
+    end_to_end, unrefined = rebuilt_refined_notes(model, processor, audio, 0.0, **options)
+    assert expected and end_to_end and expected != end_to_end and end_to_end != unrefined
     # float32 like the expected notes, also where the default would be bfloat16 (`cpu_has_fast_bf16`)
-    assert processor.transcribe(audio_files["flac"], model, batch_size=2, bf16=False, **options) == expected
-    assert processor.transcribe(audio_files["flac"], model, refine_notes=False, bf16=False, **options) == unrefined
+    assert processor.transcribe(audio, model, batch_size=2, bf16=False, **options) == expected
+    assert processor.transcribe(audio, model, bf16=False, window_overlap=0, **options) == end_to_end
+    assert processor.transcribe(audio, model, refine_notes=False, bf16=False, **options) == unrefined
     transcriber = pipeline("automatic-speech-recognition", model=str(frame_model_dir))
-    assert transcriber(str(audio_files["flac"]), **options)["notes"] == expected
-    assert transcriber(str(audio_files["flac"]), batch_size=2, refine_notes=False, **options)["notes"] == unrefined
+    assert transcriber(str(audio), **options)["notes"] == expected
+    assert transcriber(str(audio), window_overlap=0.0, **options)["notes"] == end_to_end
+    assert transcriber(str(audio), batch_size=2, refine_notes=False, **options)["notes"] == unrefined
+
+
+def test_end_notes_on_sustain_sounds_through_short_silences():
+    grid = (0.075, 0.04, 20)  # column centres 0.075 + 0.04 k s
+    sounding = np.zeros((20, 128), dtype=bool)
+    sounding[:, 60] = [1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0]  # silences of 3, then 4 columns
+    sounding[:, 62] = [1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # to the end after 3 silent columns
+    sounding[:, 64] = [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # first heard 2 columns after it starts
+    notes = [Note(0.03, 0.1, 60, 80), Note(0.03, 0.1, 62, 80), Note(0.03, 0.1, 64, 80)]
+    ended = lambda gap: end_notes_on_sustain(notes, [sounding], [0.0], grid, gap=gap, lead=0.0)  # noqa: E731
+    # from column 0 (one column after the onset); a note ends halfway between its last sounding column and the next
+    assert ended(0.0) == [Note(0.03, 0.135, 60, 80), Note(0.03, 0.135, 62, 80), Note(0.03, 0.055, 64, 80)]
+    assert ended(0.12) == [Note(0.03, 0.335, 60, 80), Note(0.03, 0.855, 62, 80), Note(0.03, 0.255, 64, 80)]
+    assert ended(0.16) == [Note(0.03, 0.575, 60, 80), Note(0.03, 0.855, 62, 80), Note(0.03, 0.255, 64, 80)]
+    assert ended(0.11) == ended(0.12)  # rounded to whole columns
+    later = Note(0.3, 0.4, 60, 70)  # the pitch starting again ends the note sounding through silence
+    assert end_notes_on_sustain([notes[0], later], [sounding], [0.0], grid, gap=0.16, lead=0.0)[0] == Note(0.03, 0.3, 60, 80)
+    # ended `lead` seconds earlier, one time step after the onset at the earliest
+    led = end_notes_on_sustain([*notes, later], [sounding], [0.0], grid, gap=0.16, lead=0.03)
+    assert led == [Note(0.03, 0.27, 60, 80), Note(0.03, 0.825, 62, 80), Note(0.03, 0.225, 64, 80), Note(0.3, 0.545, 60, 70)]
+    assert end_notes_on_sustain(notes, [sounding], [0.0], grid, gap=0.0, lead=0.1)[2] == Note(0.03, 0.04, 64, 80)
+
+
+def test_window_ownership_gives_each_moment_to_the_window_it_lies_furthest_inside():
+    assert window_ownership([0.0, 2.24, 4.48], 0.32) == [(-math.inf, 2.4), (2.4, 4.64), (4.64, math.inf)]
+    assert window_ownership([0.0, 2.56], 0.0) == [(-math.inf, 2.56), (2.56, math.inf)]
+    assert window_ownership([1.0], 0.32) == [(-math.inf, math.inf)]
+
+
+def test_iter_windows_overlap_by_the_given_seconds(audio_files):
+    samples = load_audio(audio_files["flac"], 16000)  # 6 s
+    for overlap, starts in [(0.0, [0, 40960, 81920]), (0.32, [0, 35840, 71680]), (1.28, [0, 20480, 40960, 61440])]:
+        assert PROCESSOR.count_windows(audio_files["flac"], overlap=overlap) == len(starts)
+        assert PROCESSOR.window_hop(overlap) == (40960 - round(overlap * 16000)) / 16000
+        expected = [np.pad(samples[start : start + 40960], (0, max(0, start + 40960 - len(samples)))) for start in starts]
+        from_file = list(PROCESSOR.iter_windows(audio_files["flac"], overlap=overlap))
+        from_array = list(PROCESSOR.iter_windows(samples, overlap=overlap))
+        assert len(from_file) == len(from_array) == len(starts)
+        for window, array_window, reference in zip(from_file, from_array, expected):
+            assert window.shape == array_window.shape == (40960,)
+            np.testing.assert_array_equal(array_window, reference)
+            np.testing.assert_allclose(window, reference, atol=1e-6)
+    with pytest.raises(ValueError, match=re.escape("overlap must be in [0, 2.56) seconds, got 2.56.")):
+        next(PROCESSOR.iter_windows(samples, overlap=2.56))
+    # 2.5 s: one window end to end; overlapping, the audio past the first window's 2.24 s still fits in it
+    assert PROCESSOR.count_windows(samples[:40000], overlap=0.32) == 1
+    assert PROCESSOR.count_windows(samples[:41000], overlap=0.32) == 2
+
+
+def test_decode_owned_notes_keeps_each_windows_own_onsets():
+    tokenizer = PROCESSOR.tokenizer
+    heard = [Note(0.5, 1.0, 60, 83), Note(2.0, 3.0, 67, 83), Note(2.3, 2.5, 62, 83), Note(2.45, 2.5, 64, 83), Note(3.0, 4.0, 65, 83)]
+    starts = [0.0, 2.24]  # overlapping by 0.32 s: the first window owns up to 2.4 s, the second from there
+    # the second window hears every note softer, to tell which window a note came from
+    softer = [Note(note.onset, note.offset, note.pitch, 43) for note in heard]
+    windows = [tokenizer.encode_notes(heard, window_start=0.0), tokenizer.encode_notes(softer, window_start=2.24)]
+    assert decode_owned_notes(tokenizer, windows, starts, 2.56, 0.32) == [
+        Note(0.5, 1.0, 60, 83),
+        Note(2.0, 2.56, 67, 83),  # held past the end of its window: ends there (the frame head gives the offsets)
+        Note(2.3, 2.5, 62, 83),  # heard by both windows; the first one's
+        Note(2.45, 2.5, 64, 43),  # heard by both windows; the second one's
+        Note(3.0, 4.0, 65, 43),
+    ]
+    # alone, a window's tie section starts its held notes at its start
+    assert decode_owned_notes(tokenizer, windows[1:], [2.24], 2.56, 0.32)[0] == Note(2.24, 3.0, 67, 80)
+    end_to_end = [tokenizer.encode_notes(heard, window_start=start) for start in (0.0, 2.56)]
+    assert decode_owned_notes(tokenizer, end_to_end, [0.0, 2.56], 2.56, 0.0) == tokenizer.decode_windows(end_to_end, [0.0, 2.56])
+
+
+def test_frame_evidence_of_overlapping_windows_takes_each_stretch_from_its_owner():
+    # 0.4 s windows at 0 and 0.24 s, overlapping by 0.16 s: column centres 0.02 ... 0.38 s, then 0.26 ... 0.62 s.
+    # The first window owns its columns before 0.32 s (0.02 ... 0.30), the second its columns from there (0.34 ...).
+    grid = (0.02, 0.04, 10)
+    first, second = np.zeros((10, 256), dtype=np.float32), np.zeros((10, 256), dtype=np.float32)
+    first[:, 60] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0.9]  # a peak at 0.38 s, which the second window owns: dropped
+    first[:, 62] = [0, 0, 0, 0, 0, 0, 0.3, 0.8, 0.2, 0]  # a peak at 0.30 s, the first window's last own column
+    second[:, 62] = [0.1, 0.9, 0.3, 0, 0, 0, 0, 0, 0, 0]  # the same onset, in columns the second window does not own
+    # rising in the first window's view, falling in the second's: a peak at 0.30 s along the owned columns only
+    first[:, 64] = [0, 0, 0, 0, 0, 0, 0, 0.5, 0.9, 0]
+    second[:, 64] = [0, 0.2, 0.4, 0.1, 0, 0, 0, 0, 0, 0]
+    second[:, 65] = [0, 0, 0, 0, 0.7, 0, 0, 0, 0, 0]  # a peak at 0.42 s
+    first[:, 66] = [0.9, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # starts at 0.02 s and sounds up to 0.34 s
+    first[:, 128 + 66] = 0.9
+    second[:, 128 + 66] = [0.9, 0.9, 0.9, 0, 0, 0, 0, 0, 0, 0]
+    evidence = FrameEvidence(grid, overlap=0.16)
+    evidence.add(first, 0.0)
+    evidence.add(second, 0.24)
+    decoded = [Note(0.02, 0.1, 66, 50), Note(0.31, 0.33, 62, 80)]
+    notes = evidence.place(decoded, added_onset_threshold=0.45)
+    assert evidence.first_columns == [0, 2] and [len(rows) for rows in evidence.sounding] == [8, 8]
+    assert {pitch: [time for time, _ in found] for pitch, found in evidence.peaks.items()} == {
+        62: [0.3], 64: [0.3], 65: [0.42], 66: [0.02]
+    }
+    # 64 and 65 added (velocity of the nearest decoded onset); the held 66 ends OFFSET_LEAD (0.03 s) before halfway
+    # from 0.34 s to 0.38 s; the others, never heard sounding, one time step after their onsets
+    assert notes == [
+        Note(0.02, 0.33, 66, 50), Note(0.3, 0.31, 62, 80), Note(0.3, 0.31, 64, 80), Note(0.42, 0.43, 65, 80)
+    ]
+    end_to_end = FrameEvidence(grid)  # without overlap, each window keeps all its columns and its own peaks
+    end_to_end.add(first, 0.0)
+    end_to_end.add(second, 0.4)
+    end_to_end.place([])
+    assert end_to_end.first_columns == [0, 0] and [len(rows) for rows in end_to_end.sounding] == [10, 10]
+    assert {pitch: [time for time, _ in found] for pitch, found in end_to_end.peaks.items()} == {
+        60: [0.38], 62: [0.3, 0.46], 64: [0.34, 0.5], 65: [0.58], 66: [0.02]
+    }
+
+
+def test_window_overlap_needs_refined_notes_and_less_than_a_window(
+    tiny_model_dir, frame_model_dir, audio_files, run_transcription, tmp_path, capsys
+):
+    model = Sound2SheetForConditionalGeneration.from_pretrained(tiny_model_dir)  # no frame head
+    processor = Sound2SheetProcessor.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="window_overlap > 0 needs refine_notes"):
+        processor.transcribe(audio_files["wav"], model, window_overlap=0.32)
+    framed = Sound2SheetForConditionalGeneration.from_pretrained(frame_model_dir)
+    for overlap in (2.56, -0.1):
+        with pytest.raises(ValueError, match=re.escape(f"window_overlap must be in [0, 2.56) seconds, got {overlap}")):
+            processor.transcribe(audio_files["wav"], framed, window_overlap=overlap)
+    transcriber = pipeline("automatic-speech-recognition", model=str(frame_model_dir))
+    with pytest.raises(ValueError, match="window_overlap > 0 needs refine_notes"):
+        transcriber(str(audio_files["wav"]), refine_notes=False, window_overlap=0.32)
+    argv = ["transcribe", str(audio_files["wav"]), "--output-dir", str(tmp_path), "--model", str(frame_model_dir)]
+    assert run_transcription.main([*argv, "--window_overlap", "3"]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == f"error: --window_overlap: model {frame_model_dir}: window_overlap must be in [0, 2.56) seconds, got 3.0."
+    assert run_transcription.main([*argv, "--window_overlap", "0.5", "--refine_notes", "false"]) == 2
+    assert "--window_overlap: model" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())
 
 
 def test_refine_notes_needs_a_frame_head(tiny_model_dir, audio_files, run_transcription, tmp_path, capsys):
