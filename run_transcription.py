@@ -62,8 +62,8 @@ class TranscribeArguments:
     )
     refine_notes: Optional[bool] = field(
         default=None,
-        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of that "
-                          "the decoder missed: true/false (default: when it has one)."},
+        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of or hears "
+                          "starting that the decoder missed: true/false (default: when it has one)."},
     )
     window_overlap: Optional[float] = field(
         default=None,
@@ -625,8 +625,8 @@ class EvaluateArguments:
     )
     refine_notes: Optional[bool] = field(
         default=None,
-        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of that "
-                          "the decoder missed: true/false (default: when it has one)."},
+        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of or hears "
+                          "starting that the decoder missed: true/false (default: when it has one)."},
     )
     window_overlap: Optional[float] = field(
         default=None,

@@ -35,24 +35,31 @@ GENERATION_STRATEGIES = ("greedy", "beam", "sample")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute in bfloat16 natively
 BF16_ENCODER = "encoder"  # `transcribe(bf16=...)`: bfloat16 autocast for the encoder, the decoder in float32
 # Notes placed on the frame head (`refine_notes_with_frames`): a peak of the onset head counts from ONSET_THRESHOLD, a
-# decoded onset moves at most ONSET_REACH seconds to reach one, an onset peak from ADDED_ONSET_THRESHOLD that no decoded
-# note took becomes a note of its own (the decoder missed it), and a pitch sounds while its probability is at least
-# SUSTAIN_THRESHOLD, through silences of up to SUSTAIN_GAP seconds; a note ends OFFSET_LEAD seconds before the head
-# stops hearing it (the head's patches span 160 ms, and it hears a pitch a little past its release: short notes came
-# out late). ONSET_THRESHOLD and ONSET_REACH were chosen on the validation split of data/piano-synth; the others, with
+# decoded onset moves at most ONSET_REACH seconds to reach one, and an onset peak that no decoded note took becomes a
+# note of its own (the decoder missed it) from ADDED_ONSET_THRESHOLD, or whatever its probability when the head hears it
+# start its pitch: the pitch's sounding probability under START_BEFORE in the column before the peak and at least
+# START_AFTER in one of the START_COLUMNS after it. A pitch sounds while its probability is at least SUSTAIN_THRESHOLD,
+# through silences of up to SUSTAIN_GAP seconds, and a note ends OFFSET_LEAD seconds before the head stops hearing it
+# (the head's patches span 160 ms, and it hears a pitch a little past its release: short notes came out late).
+# ONSET_THRESHOLD and ONSET_REACH were chosen on the validation split of data/piano-synth; the others, with
 # WINDOW_OVERLAP, with the stage-10 model on the 93 pieces of data/piano-synth-v4's (`benchmarks/quality.py
-# --manifest-dir data/piano-synth-v4 --split val --no-basic-pitch`): onset F1 / onset+offset F1 0.885 / 0.652 as they
-# are, 0.867 / 0.626 with the windows end to end (`--window-overlap 0`), 0.863 / 0.540 with the earlier settings
-# (0.35, 0.3, no gap, no lead, windows end to end). Along the way, without the lead: 0.867 / 0.601 end to end,
-# 0.885 / 0.626 overlapping by 0.32 s, 0.883 / 0.619 by 0.16 s; then with a lead of 0.02, 0.03 or 0.04 s: 0.647,
-# 0.652, 0.650 on onset+offset (0.03 s with a sounding threshold of 0.3 or 0.5: 0.647). Added onsets from 0.35 to
-# 0.6 and sounding from 0.3 to 0.5 moved onsets by at most 0.003; a gap of 0.16 or 0.32 s was 0.006 lower.
+# --manifest-dir data/piano-synth-v4 --split val --no-basic-pitch`), data/piano-synth's 12 as a check: onset F1 /
+# onset+offset F1 0.909 / 0.671 as they are, 0.887 / 0.641 with the windows end to end (`--window-overlap 0`), 0.863 /
+# 0.540 with the earlier settings (added from 0.35, no started notes, sounding from 0.3, no gap, no lead, windows end to
+# end). Along the way (cached windows, one setting at a time): without started notes or the lead, 0.867 / 0.601 end to
+# end, 0.885 / 0.626 overlapping by 0.32 s, 0.883 / 0.619 by 0.16 s; a lead of 0.02, 0.03 or 0.04 s, onset+offset
+# 0.647, 0.652, 0.650 (0.03 s sounding from 0.3 or 0.5: 0.647); gaps of 0.16 or 0.32 s 0.006 lower; started notes,
+# 0.885 -> 0.906 on onsets (3-hour split: 0.874 -> 0.900), with added peaks from 0.35, 0.45, 0.6, 0.7, 0.8: 0.896,
+# 0.906, 0.909, 0.908, 0.904; START_AFTER 0.6 or 0.8, START_BEFORE 0.4 or 0.6, 1 or 3 columns: within 0.003.
 ONSET_THRESHOLD = 0.06
 ONSET_REACH = 0.25
 SUSTAIN_THRESHOLD = 0.4
 SUSTAIN_GAP = 0.24
 OFFSET_LEAD = 0.03
-ADDED_ONSET_THRESHOLD = 0.45
+ADDED_ONSET_THRESHOLD = 0.6
+START_BEFORE = 0.5
+START_AFTER = 0.7
+START_COLUMNS = 2
 # Refined transcription overlaps consecutive windows by WINDOW_OVERLAP seconds (1.14x the windows) and takes each
 # stretch of audio from the window it lies furthest inside (`window_ownership`). Cut end to end, the frame head has no
 # column over a seam (its columns are 160 ms apart there instead of 40 ms) and hears the first and last 160 ms of a
@@ -239,27 +246,31 @@ def place_notes_on_onsets(notes: Iterable[Note], peaks: Dict[int, np.ndarray], r
 
 def add_missed_onsets(
     placed: Sequence[Note],
-    peaks: Dict[int, Tuple[np.ndarray, np.ndarray]],
+    peaks: Dict[int, Tuple[np.ndarray, ...]],
     decoded: Sequence[Note],
     threshold: float = ADDED_ONSET_THRESHOLD,
 ) -> List[Note]:
-    """`placed` and a note for each onset peak of probability at least `threshold` that none of them took: the
-    decoder missed it, and the onset head is sure of it. In onset order.
+    """`placed` and a note for each onset peak that none of them took and that the head is sure of (probability at
+    least `threshold`) or hears starting (see `FrameEvidence`): the decoder missed it. In onset order.
 
     An added note takes the velocity of the decoded note nearest in time (of any pitch; 64 when nothing was decoded)
     and lasts one time step: `end_notes_on_sustain` then gives it its offset.
 
     Args:
         placed: the decoded notes placed on the onset peaks (`place_notes_on_onsets`): each onset is a peak time.
-        peaks: for each MIDI pitch, the sorted times of its onset peaks and their probabilities.
+        peaks: for each MIDI pitch, the sorted times of its onset peaks and their probabilities, and optionally
+            whether the head hears each one start its pitch sounding (booleans; none when absent).
         decoded: the decoder's notes, for the velocities.
     """
     taken = {(note.pitch, note.onset) for note in placed}
     onsets = np.array([note.onset for note in decoded])
     velocities = [note.velocity for note in decoded]
     added = []
-    for pitch, (times, probabilities) in peaks.items():
-        for time in times[(probabilities >= threshold)].tolist():
+    for pitch, (times, probabilities, *started) in peaks.items():
+        sure = probabilities >= threshold
+        if started:
+            sure |= np.asarray(started[0], dtype=bool)
+        for time in times[sure].tolist():
             if (pitch, time) not in taken:
                 velocity = velocities[int(np.argmin(np.abs(onsets - time)))] if velocities else 64
                 added.append(Note(time, round(time + MIN_NOTE_SECONDS, 6), pitch, velocity))
@@ -386,7 +397,10 @@ class FrameEvidence:
 
     Of windows that overlap by `overlap` seconds, each keeps only the columns of the stretch it owns
     (`window_ownership`), and the onset peaks are found along the columns kept from all windows, in time order.
-    Without overlap, each window's peaks are its own.
+    Without overlap, each window's peaks are its own. A peak is *heard starting* its pitch when, in its window, the
+    pitch's sounding probability is under `START_BEFORE` in the column before it and at least `START_AFTER` in one of
+    the `START_COLUMNS` columns after it: `place` then adds it as a note whatever its probability, if no decoded note
+    took it (`add_missed_onsets`).
 
     Args:
         frame_grid: the model's `config.frame_grid`.
@@ -396,11 +410,12 @@ class FrameEvidence:
     def __init__(self, frame_grid: Tuple[float, float, int], overlap: float = 0.0):
         self.frame_grid = tuple(frame_grid)
         self.overlap = float(overlap)
-        self.peaks: Dict[int, List[Tuple[float, float]]] = {}
+        self.peaks: Dict[int, List[Tuple[float, float, bool]]] = {}  # (time, probability, heard starting)
         self.sounding: List[np.ndarray] = []
         self.window_starts: List[float] = []
         self.first_columns: List[int] = []
         self._onsets: Optional[np.ndarray] = None  # the last window's onset probabilities, until the next comes
+        self._sounds: Optional[np.ndarray] = None  # and its sounding probabilities, all its columns
         self._before: Optional[np.ndarray] = None  # the last column kept of the window before it
 
     def add(self, frame_probabilities: np.ndarray, window_start: float):
@@ -414,6 +429,7 @@ class FrameEvidence:
             begin = max(0, math.ceil(round((self.overlap / 2 - first) / step, 6)))
             self._close_last(round(window_start + self.overlap / 2, 6), probabilities[begin : begin + 1, :FRAME_PITCHES])
         self._onsets = probabilities[begin:, :FRAME_PITCHES].copy()
+        self._sounds = probabilities[:, FRAME_PITCHES:].copy()
         self.sounding.append(probabilities[begin:, FRAME_PITCHES:] >= SUSTAIN_THRESHOLD)
         self.window_starts.append(window_start)
         self.first_columns.append(begin)
@@ -432,26 +448,31 @@ class FrameEvidence:
         following = following if self.overlap else None
         table = np.concatenate([rows for rows in (before, onsets, following) if rows is not None])
         shift = 0 if before is None else len(before)
+        sounds = self._sounds
         for row, pitch in zip(*_peak_cells(table, ONSET_THRESHOLD)):
             if shift <= row < shift + len(onsets):
-                self.peaks.setdefault(int(pitch), []).append((float(times[row - shift]), float(table[row, pitch])))
+                column = begin + row - shift  # in the window
+                before = sounds[column - 1, pitch] if column else 0.0
+                after = sounds[column + 1 : column + 1 + START_COLUMNS, pitch]
+                started = bool(before < START_BEFORE and len(after) and after.max() >= START_AFTER)
+                self.peaks.setdefault(int(pitch), []).append((float(times[row - shift]), float(table[row, pitch]), started))
         if len(onsets):
             self._before = onsets[-1:]
-        self._onsets = None
+        self._onsets = self._sounds = None
 
     def place(self, notes: Iterable[Note], added_onset_threshold: Optional[float] = ADDED_ONSET_THRESHOLD) -> List[Note]:
         """`notes` with onsets on the onset peaks (`place_notes_on_onsets`, which drops the notes the head does not
-        support), the peaks from `added_onset_threshold` that no note took added as notes (`add_missed_onsets`; None:
-        none added), and offsets where their pitch stops sounding (`end_notes_on_sustain`). Call it once all windows
-        are added."""
+        support), the peaks that no note took added as notes when they reach `added_onset_threshold` or are heard
+        starting (`add_missed_onsets`; None: none added), and offsets where their pitch stops sounding
+        (`end_notes_on_sustain`). Call it once all windows are added."""
         if self._onsets is not None:
             self._close_last(None, None)
         notes = list(notes)
         peaks = {}
         for pitch, found in self.peaks.items():
-            table = np.array(sorted(found), dtype=np.float64).reshape(-1, 2)
-            peaks[pitch] = (table[:, 0], table[:, 1])
-        placed = place_notes_on_onsets(notes, {pitch: times for pitch, (times, _) in peaks.items()})
+            table = np.array(sorted(found), dtype=np.float64).reshape(-1, 3)
+            peaks[pitch] = (table[:, 0], table[:, 1], table[:, 2] > 0)
+        placed = place_notes_on_onsets(notes, {pitch: times for pitch, (times, _, _) in peaks.items()})
         if added_onset_threshold is not None:
             placed = add_missed_onsets(placed, peaks, notes, added_onset_threshold)
         return end_notes_on_sustain(placed, self.sounding, self.window_starts, self.frame_grid, self.first_columns)
@@ -466,9 +487,9 @@ def refine_notes_with_frames(
     window_overlap: float = 0.0,
 ) -> List[Note]:
     """Decoded notes placed on the frame head's predictions: onsets on its onset peaks (`place_notes_on_onsets`, which
-    also drops the notes it does not support), the head's sure onsets that the decoder missed added
-    (`add_missed_onsets`, from `added_onset_threshold`; None adds none), offsets where each pitch stops sounding
-    (`end_notes_on_sustain`).
+    also drops the notes it does not support), the onsets that the decoder missed and the head is sure of (from
+    `added_onset_threshold`) or hears starting its pitch sounding added (`add_missed_onsets`; None adds none), offsets
+    where each pitch stops sounding (`end_notes_on_sustain`).
 
     The decoder chooses most of the notes, with their velocities; its times are tens of milliseconds off, it writes
     surplus notes, and it misses notes in dense passages. The encoder's frame head, trained by the frame loss, places

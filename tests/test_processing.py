@@ -456,6 +456,11 @@ def test_add_missed_onsets_adds_the_sure_peaks_no_note_took():
         Note(0.115, 0.6, 60, 80), Note(0.7, 0.71, 62, 30), Note(1.0, 1.01, 60, 30),
     ]
     assert add_missed_onsets(placed, peaks, decoded, threshold=0.5) == [Note(0.115, 0.6, 60, 80), Note(1.0, 1.01, 60, 30)]
+    # peaks the head hears starting their pitch are added whatever their probability
+    started = {pitch: (times, probabilities, np.array([time == 0.3 for time in times])) for pitch, (times, probabilities) in peaks.items()}
+    assert add_missed_onsets(placed, started, decoded, threshold=0.5) == [
+        Note(0.115, 0.6, 60, 80), Note(0.3, 0.31, 62, 80), Note(1.0, 1.01, 60, 30),
+    ]
     assert add_missed_onsets([], peaks, [], threshold=0.5) == [Note(0.115, 0.125, 60, 64), Note(1.0, 1.01, 60, 64)]
 
 
@@ -466,12 +471,30 @@ def test_refine_notes_with_frames_adds_the_onsets_the_decoder_missed():
     probabilities[:, 128 + 60] = 0.9  # sounds to the end of the window
     decoded = [Note(0.1, 0.2, 60, 80)]
     # the notes end OFFSET_LEAD (0.03 s) before the head stops hearing them
-    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid) == [
+    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid, added_onset_threshold=0.45) == [
         Note(0.115, 0.165, 60, 80),  # placed, and ended before the pitch starts again
         Note(0.195, 0.225, 60, 80),  # added, ended before half a column after the last one
     ]
-    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid, added_onset_threshold=0.6) == [Note(0.115, 0.225, 60, 80)]
+    # by default (0.6) the peak at 0.195 s is not sure enough, and the pitch already sounds: it starts nothing new
+    assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid) == [Note(0.115, 0.225, 60, 80)]
     assert refine_notes_with_frames(decoded, [probabilities], [0.0], grid, added_onset_threshold=None) == [Note(0.115, 0.225, 60, 80)]
+
+
+def test_a_weak_onset_peak_that_starts_its_pitch_sounding_becomes_a_note():
+    grid = (0.075, 0.04, 6)  # column centres 0.075 ... 0.275 s
+    probabilities = np.zeros((6, 256), dtype=np.float32)
+    probabilities[:, 60] = [0, 0, 0.2, 0, 0, 0]  # a weak peak at 0.155 s
+    probabilities[:, 128 + 60] = [0, 0.4, 0.3, 0.6, 0.8, 0]  # silent before it, heard after it (0.8 two columns on)
+    probabilities[:, 62] = [0, 0, 0.2, 0, 0, 0]
+    probabilities[:, 128 + 62] = [0, 0.6, 0.3, 0.6, 0.8, 0]  # already sounding before it: a repeated strike? not added
+    probabilities[:, 64] = [0, 0, 0.2, 0, 0, 0]
+    probabilities[:, 128 + 64] = [0, 0, 0.3, 0.6, 0.6, 0.9]  # heard, but not strongly enough in the next two columns
+    evidence = FrameEvidence(grid)
+    evidence.add(probabilities, 0.0)
+    notes = evidence.place([Note(0.5, 0.6, 70, 90)])  # velocities come from the nearest decoded note
+    assert evidence.peaks == {60: [(0.155, pytest.approx(0.2), True)], 62: [(0.155, pytest.approx(0.2), False)],
+                              64: [(0.155, pytest.approx(0.2), False)]}
+    assert notes == [Note(0.155, 0.225, 60, 90)]  # sounds from 0.4 up to 0.255, ends 0.03 s before
 
 
 def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():  # (sounding: probability >= 0.5 here)
@@ -635,7 +658,7 @@ def test_frame_evidence_of_overlapping_windows_takes_each_stretch_from_its_owner
     decoded = [Note(0.02, 0.1, 66, 50), Note(0.31, 0.33, 62, 80)]
     notes = evidence.place(decoded, added_onset_threshold=0.45)
     assert evidence.first_columns == [0, 2] and [len(rows) for rows in evidence.sounding] == [8, 8]
-    assert {pitch: [time for time, _ in found] for pitch, found in evidence.peaks.items()} == {
+    assert {pitch: [peak[0] for peak in found] for pitch, found in evidence.peaks.items()} == {
         62: [0.3], 64: [0.3], 65: [0.42], 66: [0.02]
     }
     # 64 and 65 added (velocity of the nearest decoded onset); the held 66 ends OFFSET_LEAD (0.03 s) before halfway
@@ -648,7 +671,7 @@ def test_frame_evidence_of_overlapping_windows_takes_each_stretch_from_its_owner
     end_to_end.add(second, 0.4)
     end_to_end.place([])
     assert end_to_end.first_columns == [0, 0] and [len(rows) for rows in end_to_end.sounding] == [10, 10]
-    assert {pitch: [time for time, _ in found] for pitch, found in end_to_end.peaks.items()} == {
+    assert {pitch: [peak[0] for peak in found] for pitch, found in end_to_end.peaks.items()} == {
         60: [0.38], 62: [0.3, 0.46], 64: [0.34, 0.5], 65: [0.58], 66: [0.02]
     }
 
