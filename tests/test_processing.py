@@ -543,7 +543,7 @@ def rebuilt_refined_notes(model, processor, audio, overlap, **options):
         probabilities = model.frame_probabilities(hidden)
     assert probabilities.shape == (len(windows), 61, 256) and probabilities.dtype == torch.float32
     assert torch.equal(probabilities, torch.sigmoid(model.frame_logits(hidden)))
-    starts = [index * (2.56 - overlap) for index in range(len(windows))]
+    starts = [index * processor.window_hop(overlap) for index in range(len(windows))]  # as `transcribe`
     decoded = decode_owned_notes(processor.tokenizer, tokens, starts, 2.56, overlap)
     grid = model.config.frame_grid
     refined = refine_notes_with_frames(decoded, probabilities.numpy(), starts, grid, window_overlap=overlap)
