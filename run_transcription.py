@@ -35,6 +35,13 @@ class UsageError(Exception):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+# Options that `transcribe` and `evaluate` share.
+REFINE_NOTES_HELP = ("Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of or "
+                     "hears starting that the decoder missed: true/false (default: when it has one).")
+WINDOW_OVERLAP_HELP = ("Seconds by which consecutive windows overlap, each trusted with the stretch it lies furthest inside; over 0 "
+                       "only with refined notes (default: 0.32 with refined notes, else 0).")
+
+
 @dataclass
 class TranscribeArguments:
     """Options of `run_transcription.py transcribe AUDIO [AUDIO ...] --output-dir DIR`."""
@@ -62,13 +69,11 @@ class TranscribeArguments:
     )
     refine_notes: Optional[bool] = field(
         default=None,
-        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of or hears "
-                          "starting that the decoder missed: true/false (default: when it has one)."},
+        metadata={"help": REFINE_NOTES_HELP},
     )
     window_overlap: Optional[float] = field(
         default=None,
-        metadata={"help": "Seconds by which consecutive windows overlap, each trusted with the stretch it lies furthest inside; "
-                          "over 0 only with refined notes (default: 0.32 with refined notes, else 0)."},
+        metadata={"help": WINDOW_OVERLAP_HELP},
     )
     encode_ahead: Optional[bool] = field(
         default=None,
@@ -625,13 +630,11 @@ class EvaluateArguments:
     )
     refine_notes: Optional[bool] = field(
         default=None,
-        metadata={"help": "Place the decoded notes' onsets and offsets on the model's frame head, adding the onsets it is sure of or hears "
-                          "starting that the decoder missed: true/false (default: when it has one)."},
+        metadata={"help": REFINE_NOTES_HELP},
     )
     window_overlap: Optional[float] = field(
         default=None,
-        metadata={"help": "Seconds by which consecutive windows overlap, each trusted with the stretch it lies furthest inside; "
-                          "over 0 only with refined notes (default: 0.32 with refined notes, else 0)."},
+        metadata={"help": WINDOW_OVERLAP_HELP},
     )
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
     max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces."})

@@ -343,8 +343,13 @@ def window_ownership(window_starts: Sequence[float], overlap: float) -> List[Tup
     `window_starts` (in order, overlapping by `overlap` seconds) is trusted with: from half the overlap after its
     start to where the next window's begins; the first window's from minus infinity, the last's to infinity. Each
     moment belongs to exactly one window, the one it lies furthest inside. Without overlap, a window owns itself."""
-    begins = [-math.inf] + [round(float(start) + overlap / 2, 6) for start in window_starts[1:]]
+    begins = [-math.inf] + [_owned_from(start, overlap) for start in window_starts[1:]]
     return list(zip(begins, begins[1:] + [math.inf]))
+
+
+def _owned_from(window_start: float, overlap: float) -> float:
+    """Where the stretch owned by a window starting at `window_start` (not the first) begins (`window_ownership`)."""
+    return round(float(window_start) + overlap / 2, 6)
 
 
 def resolve_window_overlap(window_overlap: Optional[float], refine: bool, window_seconds: float) -> float:
@@ -427,7 +432,7 @@ class FrameEvidence:
         if self.window_starts:  # this window owns from half the overlap on, the one before up to there
             first, step, _ = self.frame_grid
             begin = max(0, math.ceil(round((self.overlap / 2 - first) / step, 6)))
-            self._close_last(round(window_start + self.overlap / 2, 6), probabilities[begin : begin + 1, :FRAME_PITCHES])
+            self._close_last(_owned_from(window_start, self.overlap), probabilities[begin : begin + 1, :FRAME_PITCHES])
         self._onsets = probabilities[begin:, :FRAME_PITCHES].copy()
         self._sounds = probabilities[:, FRAME_PITCHES:].copy()
         self.sounding.append(probabilities[begin:, FRAME_PITCHES:] >= SUSTAIN_THRESHOLD)
