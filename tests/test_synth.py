@@ -23,12 +23,18 @@ from sound2sheet.data.synth import (
     plan_jobs,
     render_audio,
     render_job,
+    timidity_config,
     write_performance_midi,
 )
 
 needs_fluidsynth = pytest.mark.skipif(
     shutil.which("fluidsynth") is None or not available_soundfonts(),
     reason="needs FluidSynth and a GM soundfont (apt-get install fluidsynth fluid-soundfont-gm)",
+)
+SF2_FONTS = {name: path for name, path in available_soundfonts().items() if path.endswith(".sf2")}
+needs_timidity = pytest.mark.skipif(
+    shutil.which("timidity") is None or not SF2_FONTS,
+    reason="needs TiMidity++ and a GM .sf2 soundfont (apt-get install timidity fluid-soundfont-gm)",
 )
 
 
@@ -87,19 +93,48 @@ def test_programs_vary_train_and_val_timbres_and_leave_the_test_split_and_defaul
         plan_jobs(0.5, seed=2, programs=(0, 8), **options)
 
 
+def test_synths_vary_train_and_val_renderings_and_leave_the_test_split_and_default_plans_unchanged():
+    options = dict(sources=("procedural",), soundfonts=("FluidR3_GM", "TimGM6mb"), exclude_soundfont="TimGM6mb",
+                   val_fraction=0.2, test_fraction=0.2, max_piece_seconds=10, programs=(0, 1))
+    default = plan_jobs(0.5, seed=2, **options)
+    assert {job.synth for job in default} == {"fluidsynth"}
+    assert plan_jobs(0.5, seed=2, synths=("fluidsynth",), **options) == default
+    both = plan_jobs(0.5, seed=2, synths=("fluidsynth", "timidity"), **options)
+    assert [dataclasses.replace(job, synth="fluidsynth") for job in both] == default  # only the synthesizers differ
+    assert {job.synth for job in both if job.split == "test"} == {"fluidsynth"}
+    assert {job.synth for job in both if job.split != "test"} == {"fluidsynth", "timidity"}
+    with pytest.raises(ValueError, match=r"synths must be among fluidsynth, timidity, got \['fluidsynth', 'sfizz'\]"):
+        plan_jobs(0.5, seed=2, synths=("fluidsynth", "sfizz"), **options)
+
+
+def test_the_synths_flag_names_an_unknown_synthesizer(capsys, tmp_path):
+    assert synth_main(["--out", str(tmp_path), "--hours", "0.01", "--synths", "fluidsynth,sfizz"]) == 2
+    assert "synths must be among fluidsynth, timidity, got ['fluidsynth', 'sfizz']" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_timidity_plays_the_piano_programs_from_the_one_soundfont():
+    config = timidity_config("/fonts/My Piano.sf2").splitlines()
+    assert config[:2] == ['dir "/fonts"', "bank 0"]
+    assert config[2:] == [f'{program} %font "My Piano.sf2" 0 {program}' for program in range(8)]
+    with pytest.raises(Exception, match=r"TiMidity\+\+ reads .sf2 soundfonts only, not /fonts/MuseScore_General.sf3"):
+        timidity_config("/fonts/MuseScore_General.sf3")
+
+
 def test_the_programs_flag_names_a_malformed_value(capsys, tmp_path):
     assert synth_main(["--out", str(tmp_path), "--hours", "0.01", "--programs", "0,bright"]) == 2
     assert "--programs must be comma-separated integers" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
-@needs_fluidsynth
-def test_rendered_onsets_match_the_midi(tmp_path):
+@pytest.mark.parametrize("synth", [pytest.param("fluidsynth", marks=needs_fluidsynth),
+                                   pytest.param("timidity", marks=needs_timidity)])
+def test_rendered_onsets_match_the_midi(tmp_path, synth):
     onsets = [0.5, 1.3, 2.2, 3.05]
     performed = [(t, t + 0.4, pitch, 100) for t, pitch in zip(onsets, (48, 60, 72, 84))]
     write_performance_midi(performed, [], tmp_path / "isolated.mid")
-    font = next(iter(available_soundfonts().values()))
-    audio = render_audio(tmp_path / "isolated.mid", font, np.random.default_rng(0), seconds=4.0)
+    font = next(iter(SF2_FONTS.values())) if synth == "timidity" else next(iter(available_soundfonts().values()))
+    audio = render_audio(tmp_path / "isolated.mid", font, np.random.default_rng(0), seconds=4.0, synth=synth)
     hop = 80  # 5 ms frames at 16 kHz
     energy = np.array([np.sum(audio[i : i + hop] ** 2) for i in range(0, len(audio) - hop, hop)])
     rises = np.flatnonzero((energy[1:] > 4 * (energy[:-1] + 1e-9)) & (energy[1:] > 0.01 * energy.max())) + 1
@@ -158,6 +193,22 @@ def test_a_finished_piece_is_kept_only_while_the_plan_still_gives_it_its_soundfo
     assert honky_tonk["metadata"]["program"] == 3 and "program" not in again["metadata"]
     assert pretty_midi.PrettyMIDI(str(tmp_path / "train" / honky_tonk["midi_path"])).instruments[0].program == 3
     assert audio.read_bytes() != second_audio
+
+
+@needs_timidity
+def test_a_piece_planned_for_another_synthesizer_is_rendered_again_and_says_so(tmp_path):
+    font = next(iter(SF2_FONTS))
+    job = RenderJob("procedural-scales-0-00000", "procedural", "scales", "train", font, 5, 3.0)
+    entry = render_job(job, str(tmp_path))
+    audio = tmp_path / "train" / entry["audio_path"]
+    by_fluidsynth = audio.read_bytes()
+    assert "synth" not in entry["metadata"]  # manifests rendered before there was a choice stay as they were
+    again = render_job(dataclasses.replace(job, synth="timidity"), str(tmp_path))
+    assert again["metadata"]["synth"] == "timidity" and {**again["metadata"], "synth": None} == {**entry["metadata"], "synth": None}
+    assert audio.read_bytes() != by_fluidsynth
+    assert json.loads((tmp_path / "train" / "audio" / f"{job.piece_id}.json").read_text()) == again
+    stamp = audio.stat().st_mtime_ns
+    assert render_job(dataclasses.replace(job, synth="timidity"), str(tmp_path)) == again and audio.stat().st_mtime_ns == stamp
 
 
 @needs_fluidsynth

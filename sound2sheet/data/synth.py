@@ -12,10 +12,14 @@ resampled to 16 kHz mono FLAC. The ground-truth MIDI written next to it carries 
 Pieces go to exactly one split (decided by a hash of the piece id). `--exclude-soundfont NAME` keeps that soundfont
 out of train and val: every test piece is rendered with it, to measure generalisation to an unseen piano timbre.
 `--programs 0,1,2,3` plays train and val pieces with General MIDI piano programs drawn per piece (more timbres from
-each soundfont); test pieces always use program 0, the acoustic grand.
+each soundfont); test pieces always use program 0, the acoustic grand. `--synths fluidsynth,timidity` renders train
+and val pieces with a synthesizer drawn per piece: TiMidity++ plays the same soundfonts with its own envelopes, whose
+releases ring on for longer after a key or the pedal lifts, so that the model learns where a note ends from more than
+one kind of release; test pieces are always rendered by FluidSynth.
 Rendering is deterministic for a seed, parallel over --workers processes, and resumable (finished pieces are kept,
 unless the plan now gives them another soundfont, program or seed).
-Needs the Debian packages fluidsynth and at least one soundfont package (see `APT_PACKAGES`).
+Needs the Debian packages fluidsynth and at least one soundfont package, and timidity for `--synths timidity` (see
+`APT_PACKAGES`).
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ from ..notes import read_midi
 from . import procedural
 from .manifest import ManifestEntry, manifest_path, write_manifest
 
-RENDER_RATE = 44100  # FluidSynth renders at 44.1 kHz; rendering straight at 16 kHz aliases
+RENDER_RATE = 44100  # the synthesizers render at 44.1 kHz; rendering straight at 16 kHz aliases
 OUTPUT_RATE = 16000
-APT_PACKAGES = "fluidsynth fluid-soundfont-gm timgm6mb-soundfont musescore-general-soundfont-lossless csound-soundfont"
+APT_PACKAGES = "fluidsynth fluid-soundfont-gm timgm6mb-soundfont musescore-general-soundfont-lossless csound-soundfont timidity"
+SYNTHS = ("fluidsynth", "timidity")  # `--synths`: FluidSynth, TiMidity++ (soundfonts in .sf2 form only)
 SOUNDFONT_CANDIDATES = {
     "FluidR3_GM": ("/usr/share/sounds/sf2/FluidR3_GM.sf2",),
     "TimGM6mb": ("/usr/share/sounds/sf2/TimGM6mb.sf2",),
@@ -76,6 +81,24 @@ def fluidsynth_binary() -> str:
     if path is None:
         raise RendererSetupError(f"FluidSynth is not installed: apt-get install {APT_PACKAGES}")
     return path
+
+
+def timidity_binary() -> str:
+    path = shutil.which("timidity")
+    if path is None:
+        raise RendererSetupError(f"TiMidity++ is not installed (needed by --synths timidity): apt-get install {APT_PACKAGES}")
+    return path
+
+
+def timidity_config(soundfont_path: str) -> str:
+    """A TiMidity++ configuration that plays General MIDI bank 0's piano programs (0-7) from one .sf2 soundfont, so
+    that the system's default mapping (often another soundfont) plays nothing."""
+    if not soundfont_path.lower().endswith(".sf2"):
+        raise RendererSetupError(f"TiMidity++ reads .sf2 soundfonts only, not {soundfont_path}")
+    name = os.path.basename(soundfont_path)
+    lines = [f'dir "{os.path.dirname(soundfont_path)}"', "bank 0"]
+    lines += [f'{program} %font "{name}" 0 {program}' for program in range(len(PIANO_PROGRAMS))]
+    return "\n".join(lines) + "\n"
 
 
 def available_soundfonts() -> Dict[str, str]:
@@ -251,24 +274,39 @@ class RenderJob:
     seed: int
     max_seconds: float
     program: int = 0  # General MIDI program (0-7: the piano family)
+    synth: str = "fluidsynth"  # one of SYNTHS
 
 
-def render_audio(midi_path: Path, soundfont_path: str, rng: np.random.Generator, seconds: float) -> np.ndarray:
-    """FluidSynth render at 44.1 kHz (reverb on or off), downmixed, levelled, resampled to 16 kHz mono."""
+def render_audio(
+    midi_path: Path, soundfont_path: str, rng: np.random.Generator, seconds: float, synth: str = "fluidsynth"
+) -> np.ndarray:
+    """Render with `synth` (FluidSynth or TiMidity++) at 44.1 kHz (reverb on or off), downmixed, levelled, resampled
+    to 16 kHz mono."""
     import soundfile
     import soxr
 
+    if synth not in SYNTHS:
+        raise ValueError(f"synth must be one of {', '.join(SYNTHS)}, got {synth!r}.")
     reverb = rng.random() < 0.5
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "render.wav"
-        command = [
-            fluidsynth_binary(), "-ni", "-q", "-g", "0.5", "-r", str(RENDER_RATE),
-            "-o", f"synth.reverb.active={1 if reverb else 0}", "-o", "synth.chorus.active=0",
-            "-F", str(wav), soundfont_path, str(midi_path),
-        ]
+        if synth == "fluidsynth":
+            command = [
+                fluidsynth_binary(), "-ni", "-q", "-g", "0.5", "-r", str(RENDER_RATE),
+                "-o", f"synth.reverb.active={1 if reverb else 0}", "-o", "synth.chorus.active=0",
+                "-F", str(wav), soundfont_path, str(midi_path),
+            ]
+        else:
+            # --preserve-silence: TiMidity++ otherwise drops the silence before the first note, moving every note
+            config = Path(tmp) / "timidity.cfg"
+            config.write_text(timidity_config(soundfont_path))
+            command = [
+                timidity_binary(), "-idq", "-Ow", "--preserve-silence", "-s", str(RENDER_RATE), "-c", str(config),
+                f"-EFreverb={1 if reverb else 0}", "-EFchorus=0", "-o", str(wav), str(midi_path),
+            ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0 or not wav.exists():
-            raise RuntimeError(f"fluidsynth failed on {midi_path}: {result.stderr.strip()[:300]}")
+            raise RuntimeError(f"{synth} failed on {midi_path}: {result.stderr.strip()[:300]}")
         audio, rate = soundfile.read(wav, dtype="float32", always_2d=True)
     mono = audio.mean(axis=1)[: int(seconds * rate)]
     mono = soxr.resample(mono, rate, OUTPUT_RATE, quality="HQ").astype(np.float32)
@@ -308,7 +346,7 @@ def render_job(job: RenderJob, out_dir: str) -> Optional[dict]:
     write_performance_midi(performed, pedal, tmp_midi, job.program)
     sounding = read_midi(tmp_midi)  # the pedal-extended ground truth
     seconds = max(note.offset for note in sounding) + TAIL_SECONDS
-    audio = render_audio(tmp_midi, available_soundfonts()[job.soundfont], rng, seconds)
+    audio = render_audio(tmp_midi, available_soundfonts()[job.soundfont], rng, seconds, job.synth)
     tmp_audio = audio_path.with_name(audio_path.stem + ".partial.flac")
     soundfile.write(tmp_audio, audio, OUTPUT_RATE, subtype="PCM_16")
     os.replace(tmp_audio, audio_path)
@@ -323,16 +361,20 @@ def render_job(job: RenderJob, out_dir: str) -> Optional[dict]:
     }
     if job.program:  # only when not the grand piano, so corpora rendered before programs existed keep their manifests
         entry["metadata"]["program"] = job.program
+    if job.synth != "fluidsynth":  # likewise
+        entry["metadata"]["synth"] = job.synth
     sidecar.write_text(json.dumps(entry))
     return entry
 
 
 def _rendered_as_planned(entry: dict, job: RenderJob) -> bool:
     """Whether a finished piece's sidecar entry matches its job: a plan made with other soundfonts installed, other
-    programs or another seed may give the piece another soundfont or program, and then it is rendered again."""
+    programs, other synthesizers or another seed may give the piece another soundfont, program or synthesizer, and
+    then it is rendered again."""
     metadata = entry.get("metadata", {})
-    return (metadata.get("soundfont"), metadata.get("seed"), metadata.get("piece"), metadata.get("program", 0)) == (
-        job.soundfont, job.seed, job.reference, job.program)
+    rendered = (metadata.get("soundfont"), metadata.get("seed"), metadata.get("piece"), metadata.get("program", 0),
+                metadata.get("synth", "fluidsynth"))
+    return rendered == (job.soundfont, job.seed, job.reference, job.program, job.synth)
 
 
 def _unit_hash(*parts) -> float:
@@ -362,18 +404,23 @@ def plan_jobs(
     procedural_fraction: float = 0.3,
     pieces: Optional[Sequence[str]] = None,
     programs: Sequence[int] = (0,),
+    synths: Sequence[str] = ("fluidsynth",),
 ) -> List[RenderJob]:
     """The pieces to render for about `hours` of audio (each piece at most `max_piece_seconds`).
 
-    Train and validation pieces are played by one of `programs` (General MIDI's piano family, 0-7), drawn from a hash
-    of the piece: more timbres from the same soundfonts. Test pieces are always played by program 0, the acoustic
-    grand piano, so the test split stays the same whatever `programs` is.
+    Train and validation pieces are played by one of `programs` (General MIDI's piano family, 0-7) and rendered by
+    one of `synths` (`SYNTHS`), each drawn from a hash of the piece: more timbres from the same soundfonts. Test pieces
+    are always played by program 0, the acoustic grand piano, and rendered by FluidSynth, so the test split stays the
+    same whatever `programs` and `synths` are.
     """
     for piece in pieces or ():
         check_not_reserved(piece)
     programs = list(programs)
     if not programs or any(not 0 <= program < len(PIANO_PROGRAMS) for program in programs):
         raise ValueError(f"programs must be General MIDI piano programs (0-{len(PIANO_PROGRAMS) - 1}), got {programs}.")
+    synths = list(synths)
+    if not synths or any(synth not in SYNTHS for synth in synths):
+        raise ValueError(f"synths must be among {', '.join(SYNTHS)}, got {synths}.")
     training_fonts = [name for name in soundfonts if name != exclude_soundfont]
     if not training_fonts:
         raise ValueError("No soundfont left for train/val after --exclude-soundfont.")
@@ -410,7 +457,9 @@ def plan_jobs(
         else:
             font = training_fonts[int(_unit_hash("font", seed, piece_id) * len(training_fonts))]
         program = 0 if split == "test" else programs[int(_unit_hash("program", seed, piece_id) * len(programs))]
-        jobs.append(RenderJob(piece_id, source, reference, split, font, _piece_seed(seed, piece_id), max_piece_seconds, program))
+        synth = "fluidsynth" if split == "test" else synths[int(_unit_hash("synth", seed, piece_id) * len(synths))]
+        jobs.append(RenderJob(piece_id, source, reference, split, font, _piece_seed(seed, piece_id), max_piece_seconds,
+                              program, synth))
         planned.add(piece_id)
     return jobs
 
@@ -491,16 +540,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--programs", default="0",
                         help="comma-separated General MIDI piano programs (0-7) for train and val pieces, e.g. 0,1,2,3 "
                              "(default: 0, the acoustic grand; test pieces always use 0)")
+    parser.add_argument("--synths", default="fluidsynth",
+                        help=f"comma-separated synthesizers for train and val pieces, among {', '.join(SYNTHS)} "
+                             "(default: fluidsynth; test pieces always use it)")
     args = parser.parse_args(argv)
     try:
         programs = parse_programs(args.programs)
+        synths = [name.strip() for name in args.synths.split(",") if name.strip()]
+        if "timidity" in synths:
+            timidity_binary()
         fonts = require_soundfonts(args.soundfonts.split(",") if args.soundfonts else None)
         if args.exclude_soundfont and args.exclude_soundfont not in fonts:
             raise RendererSetupError(f"--exclude-soundfont {args.exclude_soundfont} is not among {', '.join(fonts)}")
         jobs = plan_jobs(
             args.hours, args.seed, [s.strip() for s in args.sources.split(",")], list(fonts), args.exclude_soundfont,
             args.val_fraction, args.test_fraction, args.max_piece_seconds, args.procedural_fraction,
-            args.pieces.split(",") if args.pieces else None, programs,
+            args.pieces.split(",") if args.pieces else None, programs, synths,
         )
         by_split = render_corpus(args.out, jobs, workers=args.workers)
     except (RendererSetupError, ReservedPieceError, ValueError) as err:
