@@ -135,6 +135,7 @@ def test_rendered_onsets_match_the_midi(tmp_path, synth):
     write_performance_midi(performed, [], tmp_path / "isolated.mid")
     font = next(iter(SF2_FONTS.values())) if synth == "timidity" else next(iter(available_soundfonts().values()))
     audio = render_audio(tmp_path / "isolated.mid", font, np.random.default_rng(0), seconds=4.0, synth=synth)
+    assert audio.dtype == np.float32 and len(audio) == 4 * 16000  # padded with silence where the synthesizer stopped
     hop = 80  # 5 ms frames at 16 kHz
     energy = np.array([np.sum(audio[i : i + hop] ** 2) for i in range(0, len(audio) - hop, hop)])
     rises = np.flatnonzero((energy[1:] > 4 * (energy[:-1] + 1e-9)) & (energy[1:] > 0.01 * energy.max())) + 1

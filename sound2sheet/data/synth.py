@@ -308,7 +308,10 @@ def render_audio(
         if result.returncode != 0 or not wav.exists():
             raise RuntimeError(f"{synth} failed on {midi_path}: {result.stderr.strip()[:300]}")
         audio, rate = soundfile.read(wav, dtype="float32", always_2d=True)
-    mono = audio.mean(axis=1)[: int(seconds * rate)]
+    length = int(seconds * rate)
+    mono = audio.mean(axis=1)[:length]
+    if len(mono) < length:  # TiMidity++ stops once every voice has died away, even under a held pedal
+        mono = np.pad(mono, (0, length - len(mono)))
     mono = soxr.resample(mono, rate, OUTPUT_RATE, quality="HQ").astype(np.float32)
     peak = float(np.abs(mono).max()) if len(mono) else 0.0
     if peak > 0:
