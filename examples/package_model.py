@@ -5,8 +5,8 @@
 
 Copies the inference files of RUN (a run's final model, or a checkpoint folder) into DEST (weights as safetensors,
 config, generation config, tokenizer and feature extractor), with the frame head that places the notes, and writes the
-model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the ten-stage recipe
-(examples/train_piano_small.json, then _stage2.json to _stage10.json), the data, the parameter count, and the
+model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the eleven-stage recipe
+(examples/train_piano_small.json, then _stage2.json to _stage11.json), the data, the parameter count, and the
 test-split results that `benchmarks/quality.py --report quality.json` measured, in the card's `model-index`.
 """
 
@@ -21,29 +21,36 @@ from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcesso
 from sound2sheet.training import write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", *(f"_stage{n}" for n in range(2, 11))))
+RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", *(f"_stage{n}" for n in range(2, 12))))
 
 
-def corpus_command(out: str, hours: int, soundfonts: str, programs: str = "") -> str:
+def corpus_command(out: str, hours: int, soundfonts: str, programs: str = "", synths: str = "") -> str:
     """The renderer's command for one of the recipe's corpora. The soundfonts are named: the plan spreads train and
     val pieces over those given (by default, every installed one); so are the General MIDI programs, when not only the
-    grand piano."""
+    grand piano, and the synthesizers, when not only FluidSynth."""
     return (f"python -m sound2sheet.data.synth --out {out} --hours {hours} --exclude-soundfont TimGM6mb --seed 0 "
-            f"--soundfonts {soundfonts}" + (f" --programs {programs}" if programs else ""))
+            f"--soundfonts {soundfonts}" + (f" --programs {programs}" if programs else "")
+            + (f" --synths {synths}" if synths else ""))
 
 
 CORPUS_COMMAND = corpus_command("data/piano-synth", 3, "FluidR3_GM,MuseScore_General,TimGM6mb")
 CORPUS_V2_COMMAND = corpus_command("data/piano-synth-v2", 6, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank")
 CORPUS_V3_COMMAND = corpus_command("data/piano-synth-v3", 12, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank")
 CORPUS_V4_COMMAND = corpus_command("data/piano-synth-v4", 24, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank", "0,1,2,3")
+CORPUS_V5_COMMAND = corpus_command("data/piano-synth-v5", 24, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank", "0,1,2,3",
+                                   "fluidsynth,timidity")
 MAX_WEIGHTS_MB = 40
 TRAINING_DATA = (
-    "Piano audio rendered with FluidSynth by `python -m sound2sheet.data.synth` from MIDI: the music21 corpus without "
+    "Piano audio rendered with FluidSynth (and in v5 also TiMidity++) by `python -m sound2sheet.data.synth` from MIDI: "
+    "the music21 corpus without "
     "the pieces reserved for evaluation, plus procedural piano music (scales, arpeggios, block chords, repeated "
-    "notes, two hands, random polyphony), with pedal and tempo variation. Four corpora, each containing the "
+    "notes, two hands, random polyphony), with pedal and tempo variation. Five corpora, each containing the "
     "previous one's test pieces: `data/piano-synth` (3.4 hours of training audio; stages 1-7), `data/piano-synth-v2` "
-    "(6.9 hours; stage 8), `data/piano-synth-v3` (13.7 hours, 863 training pieces; stage 9) and `data/piano-synth-v4` "
-    "(27.2 hours, 1724 training pieces; stage 10). The training and validation pieces are played by FluidR3_GM, "
+    "(6.9 hours; stage 8), `data/piano-synth-v3` (13.7 hours, 863 training pieces; stage 9), `data/piano-synth-v4` "
+    "(27.2 hours, 1724 training pieces; stage 10) and `data/piano-synth-v5` (v4's performances, 903 of its 1724 "
+    "training pieces and 40 of its 93 validation pieces rendered by TiMidity++ instead, whose releases ring on for "
+    "longer; stage 11). The "
+    "training and validation pieces are played by FluidR3_GM, "
     "MuseScore_General and (from v2) Csound's sf_GMbank, in v4 with one of the first four General MIDI pianos each "
     "(acoustic grand, bright, electric grand, honky-tonk); TimGM6mb is kept out of training and plays every test piece "
     "on the acoustic grand, so the results below are on an unseen piano timbre as well as unseen pieces."
@@ -117,8 +124,14 @@ def main(argv=None):
         "11. Stage 10, on a corpus twice as large again, each training piece played by one of four General MIDI "
         f"pianos: render `{CORPUS_V4_COMMAND}` (its test split holds every test piece of `data/piano-synth` with the "
         "same audio, and more), then `python run_transcription.py train examples/train_piano_small_stage10.json`; the "
-        "model is its best checkpoint by validation loss, `checkpoint-4500`, which the run's folder holds at the end "
-        "(the last, `checkpoint-5000`, is a hair behind: 1.484 against 1.480).\n\n"
+        "stage 11 starts from its best checkpoint by validation loss, `checkpoint-4500`, which the run's folder holds "
+        "at the end (the last, `checkpoint-5000`, is a hair behind: 1.484 against 1.480).\n"
+        "12. Stage 11, at a lower peak rate, on v4's performances with about half of the training and validation pieces "
+        f"rendered by TiMidity++ instead of FluidSynth: render `{CORPUS_V5_COMMAND}` (the pieces rendered by "
+        "FluidSynth, and the whole test split, are v4's: copying v4's folder first renders only the others), then "
+        "`python run_transcription.py train examples/train_piano_small_stage11.json`; the model is its best checkpoint by "
+        "validation loss, `checkpoint-2500`, which the run's folder holds at the end (the last, `checkpoint-3000`, is a "
+        "hair behind: 1.485 against 1.484).\n\n"
         "At inference, the decoded notes are placed on the frame head's onsets and offsets, and the head's sure "
         "onsets that the decoder missed are added (`refine_notes`, on by default for this model).\n\n"
         + "".join(f"Stage {number}:\n\n```json\n{text}\n```\n\n" for number, text in enumerate(stages, start=1))

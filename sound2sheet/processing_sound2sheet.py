@@ -40,7 +40,9 @@ BF16_ENCODER = "encoder"  # `transcribe(bf16=...)`: bfloat16 autocast for the en
 # start its pitch: the pitch's sounding probability under START_BEFORE in the column before the peak and at least
 # START_AFTER in one of the START_COLUMNS after it. A pitch sounds while its probability is at least SUSTAIN_THRESHOLD,
 # through silences of up to SUSTAIN_GAP seconds, and a note ends OFFSET_LEAD seconds before the head stops hearing it
-# (the head's patches span 160 ms, and it hears a pitch a little past its release: short notes came out late).
+# (the head's patches span 160 ms, and it hears a pitch a little past its release: short notes came out late), where
+# the probability falls through SUSTAIN_THRESHOLD between two columns (interpolated; halfway between them before:
+# stage 10 on data/piano-synth-v4's validation split 0.671 -> 0.674 onset+offset F1).
 # ONSET_THRESHOLD and ONSET_REACH were chosen on the validation split of data/piano-synth; the others, with
 # WINDOW_OVERLAP, with the stage-10 model on the 93 pieces of data/piano-synth-v4's (`benchmarks/quality.py
 # --manifest-dir data/piano-synth-v4 --split val --no-basic-pitch`), data/piano-synth's 12 as a check: onset F1 /
@@ -100,6 +102,7 @@ ONE_CALL_BATCH_SIZE = 4
 ENCODER_BATCH_SIZE = 2
 ROUND_TOKENS = 16
 MIN_NOTE_SECONDS = 0.01  # a placed note lasts at least one time step
+OFFSET_DECIMALS = 3  # offsets from the frame head, to the millisecond (interpolated between its 40 ms columns)
 FRAME_PITCHES = 128  # the frame head's pitches: onset probabilities of MIDI 0-127, then sounding probabilities
 
 
@@ -285,24 +288,29 @@ def end_notes_on_sustain(
     first_columns: Optional[Sequence[int]] = None,
     gap: float = SUSTAIN_GAP,
     lead: float = OFFSET_LEAD,
+    threshold: float = SUSTAIN_THRESHOLD,
 ) -> List[Note]:
     """Notes whose offsets come from where the frame head hears their pitch, in onset order.
 
-    From one column after its onset, a note sounds while its pitch does, through silences of up to `gap` seconds
-    after which the pitch sounds again, up to halfway between its last sounding column and the next; at the latest up
-    to where its pitch starts again, and to the end of the last window when the pitch sounds to the end. It ends `lead`
-    seconds before that (one time step after its onset at the earliest).
+    A pitch sounds in the columns where its sounding probability is at least `threshold`. From one column after its
+    onset, a note sounds while its pitch does, through silences of up to `gap` seconds after which the pitch sounds
+    again, up to where the probability falls through `threshold` after its last sounding column (interpolated
+    linearly between that column and the next); at the latest up to where its pitch starts again, and to the end of
+    the last window when the pitch sounds to the end. It ends `lead` seconds before that (one time step after its
+    onset at the earliest), to the millisecond. A note never heard ends halfway between the column after its onset and
+    the one before.
 
     Args:
         notes: notes with their onsets placed (`place_notes_on_onsets`).
-        sounding: per window, a (columns, pitches) boolean array: the frame head's sounding probability (the second
-            half of `Sound2SheetForConditionalGeneration.frame_probabilities`) at least `SUSTAIN_THRESHOLD`.
+        sounding: per window, a (columns, pitches) array of the frame head's sounding probabilities (the second half
+            of `Sound2SheetForConditionalGeneration.frame_probabilities`; any float type).
         window_starts, frame_grid: as for `onset_peaks`.
         first_columns: per window, the column of its window that the first row of its `sounding` array is (the
             rows are consecutive columns); None: 0 for every window. Overlapping windows keep only the columns they
             own (`window_ownership`), so that the rows of all windows follow each other in time.
         gap: the longest silence, in seconds (rounded to whole columns), that a note sounds through.
         lead: seconds by which a note ends before the head stops hearing it (`OFFSET_LEAD`).
+        threshold: the sounding probability from which a pitch sounds (`SUSTAIN_THRESHOLD`).
     """
     first, step, _ = frame_grid
     bridged = int(round(gap / step))
@@ -316,7 +324,8 @@ def end_notes_on_sustain(
             for window, start, column in zip(sounding, window_starts, first_columns)
         ]
     )
-    heard = np.concatenate([np.asarray(window, dtype=bool) for window in sounding])
+    probabilities = np.concatenate([np.asarray(window) for window in sounding])
+    heard = probabilities >= threshold
     restarts: Dict[int, list] = {}
     for note in notes:  # in onset order, so each pitch's onsets come out sorted
         restarts.setdefault(note.pitch, []).append(note.onset)
@@ -328,12 +337,18 @@ def end_notes_on_sustain(
         breaks = np.flatnonzero(np.diff(sounds, prepend=-1) > bridged + 1)  # silences too long to sound through
         held = sounds[: breaks[0]] if len(breaks) else sounds
         end = int(held[-1]) + 1 if len(held) else 0  # the column after the note's last sounding one
-        offset = float(times[begin + end] - step / 2) if end < len(column) else float(times[-1] + step / 2)
+        if end == len(column):
+            offset = float(times[-1] + step / 2)
+        elif end == 0:
+            offset = float(times[begin] - step / 2)
+        else:  # where the probability falls through the threshold, between the last sounding column and the next
+            last, after = (float(probabilities[begin + column_index, note.pitch]) for column_index in (end - 1, end))
+            offset = float(times[begin + end - 1] + step * (last - threshold) / (last - after))
         onsets = restarts[note.pitch]
         later = bisect.bisect_right(onsets, note.onset)  # the pitch's next onset, if any
         if later < len(onsets):
             offset = min(offset, onsets[later])
-        offset -= lead
+        offset = round(offset - lead, OFFSET_DECIMALS)
         ended.append(Note(note.onset, round(max(offset, note.onset + MIN_NOTE_SECONDS), 6), note.pitch, note.velocity))
     return ended
 
@@ -397,7 +412,7 @@ def decode_owned_notes(
 
 class FrameEvidence:
     """What the frame head says about a piece, gathered window by window in compact form (its onset peaks with their
-    probabilities, and a boolean table of where each pitch sounds: about 8 kB per window instead of the 62 kB of
+    probabilities, and the sounding probabilities in float16: about 16 kB per window instead of the 62 kB of all its
     probabilities), to place the decoded notes on it once the piece is decoded (`place`).
 
     Of windows that overlap by `overlap` seconds, each keeps only the columns of the stretch it owns
@@ -435,7 +450,7 @@ class FrameEvidence:
             self._close_last(_owned_from(window_start, self.overlap), probabilities[begin : begin + 1, :FRAME_PITCHES])
         self._onsets = probabilities[begin:, :FRAME_PITCHES].copy()
         self._sounds = probabilities[:, FRAME_PITCHES:].copy()
-        self.sounding.append(probabilities[begin:, FRAME_PITCHES:] >= SUSTAIN_THRESHOLD)
+        self.sounding.append(probabilities[begin:, FRAME_PITCHES:].astype(np.float16))
         self.window_starts.append(window_start)
         self.first_columns.append(begin)
 

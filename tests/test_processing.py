@@ -494,15 +494,16 @@ def test_a_weak_onset_peak_that_starts_its_pitch_sounding_becomes_a_note():
     notes = evidence.place([Note(0.5, 0.6, 70, 90)])  # velocities come from the nearest decoded note
     assert evidence.peaks == {60: [(0.155, pytest.approx(0.2), True)], 62: [(0.155, pytest.approx(0.2), False)],
                               64: [(0.155, pytest.approx(0.2), False)]}
-    assert notes == [Note(0.155, 0.225, 60, 90)]  # sounds from 0.4 up to 0.255, ends 0.03 s before
+    assert notes == [Note(0.155, 0.225, 60, 90)]  # sounds from 0.195 s until 0.8 -> 0 falls through 0.4 at 0.255 s
 
 
 def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():  # (sounding: probability >= 0.5 here)
     grid = (0.075, 0.04, 5)  # centres 0.075 ... 0.235 s, then 0.335 ... 0.495 s in the second window (start 0.26)
     first, second = np.zeros((5, 128), dtype=np.float32), np.zeros((5, 128), dtype=np.float32)
-    first[:, 60] = [0.9, 0.9, 0.9, 0.2, 0.9]  # stops after column 2: ends halfway to column 3, 0.175 s
+    first[:, 60] = [0.9, 0.9, 0.9, 0.1, 0.9]  # stops after column 2: 0.9 -> 0.1 falls through 0.5 halfway, 0.175 s
     first[:, 62] = [0.9, 0.9, 0.9, 0.9, 0.9]
-    second[:, 62] = [0.9, 0.9, 0.1, 0.0, 0.0]  # sounds across the window boundary, ends halfway 0.375-0.415 s
+    # sounds across the window boundary; 0.7 -> 0.1 falls through 0.5 a third of the way from 0.375 to 0.415 s
+    second[:, 62] = [0.9, 0.7, 0.1, 0.0, 0.0]
     first[:, 64], second[:, 64] = 0.9, 0.9  # sounds to the end
     first[:, 65] = [0.9, 0.0, 0.0, 0.0, 0.0]  # silent from the next column: ends halfway to it, 0.095 s
     notes = [
@@ -513,16 +514,20 @@ def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():  # (soundin
         Note(0.075, 0.2, 65, 50),
         Note(0.075, 0.2, 66, 40),  # never heard: the same
     ]
-    ended = end_notes_on_sustain(notes, [first >= 0.5, second >= 0.5], [0.0, 0.26], grid, gap=0.0, lead=0.0)
+    ended = end_notes_on_sustain(notes, [first, second], [0.0, 0.26], grid, gap=0.0, lead=0.0, threshold=0.5)
     assert ended == [
         Note(0.075, 0.175, 60, 80),
-        Note(0.075, 0.395, 62, 70),
+        Note(0.075, 0.388, 62, 70),  # to the millisecond
         Note(0.075, 0.2, 64, 60),
         Note(0.075, 0.095, 65, 50),
         Note(0.075, 0.095, 66, 40),
         Note(0.2, 0.515, 64, 60),
     ]
     assert end_notes_on_sustain([], [first], [0.0], grid) == []
+    # float16 probabilities (as FrameEvidence keeps them) end the notes alike; by default a pitch sounds from 0.4
+    assert end_notes_on_sustain(notes, [first.astype(np.float16), second.astype(np.float16)], [0.0, 0.26], grid, gap=0.0,
+                                lead=0.0, threshold=0.5) == ended
+    assert end_notes_on_sustain(notes[:1], [first, second], [0.0, 0.26], grid, gap=0.0, lead=0.0) == [Note(0.075, 0.18, 60, 80)]
 
 
 @pytest.fixture(scope="module")
@@ -572,10 +577,11 @@ def test_transcribe_places_the_decoded_notes_on_the_frame_head(frame_model_dir, 
 
 def test_end_notes_on_sustain_sounds_through_short_silences():
     grid = (0.075, 0.04, 20)  # column centres 0.075 + 0.04 k s
-    sounding = np.zeros((20, 128), dtype=bool)
-    sounding[:, 60] = [1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0]  # silences of 3, then 4 columns
-    sounding[:, 62] = [1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # to the end after 3 silent columns
-    sounding[:, 64] = [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # first heard 2 columns after it starts
+    heard = np.zeros((20, 128), dtype=bool)
+    heard[:, 60] = [1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0]  # silences of 3, then 4 columns
+    heard[:, 62] = [1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # to the end after 3 silent columns
+    heard[:, 64] = [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # first heard 2 columns after it starts
+    sounding = np.where(heard, 0.7, 0.1)  # from 0.7 to 0.1, the probability falls through 0.4 halfway between columns
     notes = [Note(0.03, 0.1, 60, 80), Note(0.03, 0.1, 62, 80), Note(0.03, 0.1, 64, 80)]
     ended = lambda gap: end_notes_on_sustain(notes, [sounding], [0.0], grid, gap=gap, lead=0.0)  # noqa: E731
     # from column 0 (one column after the onset); a note ends halfway between its last sounding column and the next
@@ -651,7 +657,7 @@ def test_frame_evidence_of_overlapping_windows_takes_each_stretch_from_its_owner
     second[:, 65] = [0, 0, 0, 0, 0.7, 0, 0, 0, 0, 0]  # a peak at 0.42 s
     first[:, 66] = [0.9, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # starts at 0.02 s and sounds up to 0.34 s
     first[:, 128 + 66] = 0.9
-    second[:, 128 + 66] = [0.9, 0.9, 0.9, 0, 0, 0, 0, 0, 0, 0]
+    second[:, 128 + 66] = [0.9, 0.9, 0.7, 0.1, 0, 0, 0, 0, 0, 0]  # falls through 0.4 halfway from 0.34 s to 0.38 s
     evidence = FrameEvidence(grid, overlap=0.16)
     evidence.add(first, 0.0)
     evidence.add(second, 0.24)
