@@ -15,6 +15,7 @@ import soundfile
 from sound2sheet.data import check_dataset, read_manifest
 from sound2sheet.data.synth import (
     RenderJob,
+    RendererSetupError,
     ReservedPieceError,
     available_soundfonts,
     check_not_reserved,
@@ -117,7 +118,7 @@ def test_timidity_plays_the_piano_programs_from_the_one_soundfont():
     config = timidity_config("/fonts/My Piano.sf2").splitlines()
     assert config[:2] == ['dir "/fonts"', "bank 0"]
     assert config[2:] == [f'{program} %font "My Piano.sf2" 0 {program}' for program in range(8)]
-    with pytest.raises(Exception, match=r"TiMidity\+\+ reads .sf2 soundfonts only, not /fonts/MuseScore_General.sf3"):
+    with pytest.raises(RendererSetupError, match=r"TiMidity\+\+ reads .sf2 soundfonts only, not /fonts/MuseScore_General.sf3"):
         timidity_config("/fonts/MuseScore_General.sf3")
 
 
