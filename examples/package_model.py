@@ -41,19 +41,18 @@ CORPUS_V5_COMMAND = corpus_command("data/piano-synth-v5", 24, "FluidR3_GM,MuseSc
                                    "fluidsynth,timidity")
 MAX_WEIGHTS_MB = 40
 TRAINING_DATA = (
-    "Piano audio rendered with FluidSynth (and in v5 also TiMidity++) by `python -m sound2sheet.data.synth` from MIDI: "
-    "the music21 corpus without "
-    "the pieces reserved for evaluation, plus procedural piano music (scales, arpeggios, block chords, repeated "
-    "notes, two hands, random polyphony), with pedal and tempo variation. Five corpora, each containing the "
-    "previous one's test pieces: `data/piano-synth` (3.4 hours of training audio; stages 1-7), `data/piano-synth-v2` "
-    "(6.9 hours; stage 8), `data/piano-synth-v3` (13.7 hours, 863 training pieces; stage 9), `data/piano-synth-v4` "
-    "(27.2 hours, 1724 training pieces; stage 10) and `data/piano-synth-v5` (v4's performances, 903 of its 1724 "
-    "training pieces and 40 of its 93 validation pieces rendered by TiMidity++ instead, whose releases ring on for "
-    "longer; stage 11). The "
-    "training and validation pieces are played by FluidR3_GM, "
-    "MuseScore_General and (from v2) Csound's sf_GMbank, in v4 with one of the first four General MIDI pianos each "
-    "(acoustic grand, bright, electric grand, honky-tonk); TimGM6mb is kept out of training and plays every test piece "
-    "on the acoustic grand, so the results below are on an unseen piano timbre as well as unseen pieces."
+    "Piano audio rendered with FluidSynth (and in v5 also TiMidity++) by `python -m sound2sheet.data.synth` from "
+    "MIDI: the music21 corpus without the pieces reserved for evaluation, plus procedural piano music (scales, "
+    "arpeggios, block chords, repeated notes, two hands, random polyphony), with pedal and tempo variation. Five "
+    "corpora, each containing the previous one's test pieces: `data/piano-synth` (3.4 hours of training audio; "
+    "stages 1-7), `data/piano-synth-v2` (6.9 hours; stage 8), `data/piano-synth-v3` (13.7 hours, 863 training "
+    "pieces; stage 9), `data/piano-synth-v4` (27.2 hours, 1724 training pieces; stage 10) and `data/piano-synth-v5` "
+    "(v4's performances, 903 of its 1724 training pieces and 40 of its 93 validation pieces rendered by TiMidity++ "
+    "instead, whose releases ring on for longer; stage 11). The training and validation pieces are played by "
+    "FluidR3_GM, MuseScore_General and (from v2) Csound's sf_GMbank, in v4 with one of the first four General MIDI "
+    "pianos each (acoustic grand, bright, electric grand, honky-tonk); TimGM6mb is kept out of training and plays "
+    "every test piece on the acoustic grand, so the results below are on an unseen piano timbre as well as unseen "
+    "pieces."
 )
 
 
