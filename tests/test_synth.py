@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 
+import mido
 import numpy as np
 import pretty_midi
 import pytest
@@ -23,7 +24,9 @@ from sound2sheet.data.synth import (
     main as synth_main,
     plan_jobs,
     render_audio,
+    render_corpus,
     render_job,
+    soundfont_nrpn,
     timidity_config,
     write_performance_midi,
 )
@@ -195,6 +198,10 @@ def test_a_finished_piece_is_kept_only_while_the_plan_still_gives_it_its_soundfo
     assert honky_tonk["metadata"]["program"] == 3 and "program" not in again["metadata"]
     assert pretty_midi.PrettyMIDI(str(tmp_path / "train" / honky_tonk["midi_path"])).instruments[0].program == 3
     assert audio.read_bytes() != second_audio
+    third_audio = audio.read_bytes()
+    longer = render_job(dataclasses.replace(moved, program=3, envelope=(0, 600)), str(tmp_path))  # another envelope
+    assert longer["metadata"]["envelope"] == {"decay": 0, "release": 600} and "envelope" not in honky_tonk["metadata"]
+    assert audio.read_bytes() != third_audio
 
 
 @needs_timidity
@@ -217,3 +224,67 @@ def test_a_piece_planned_for_another_synthesizer_is_rendered_again_and_says_so(t
 def test_missing_soundfont_names_the_packages(capsys, tmp_path):
     assert synth_main(["--out", str(tmp_path), "--hours", "0.01", "--soundfonts", "NoSuchFont"]) == 2
     assert "apt-get install fluidsynth fluid-soundfont-gm" in capsys.readouterr().err
+
+
+def test_a_soundfont_nrpn_is_sent_as_select_then_data_lsb_then_msb():
+    as_pairs = lambda messages: [(m.channel, m.control, m.value) for m in messages]  # noqa: E731
+    # 8192 + -1200 / 2 = 7592 = 59 * 128 + 40; FluidSynth applies the value when the data entry MSB (6) arrives
+    assert as_pairs(soundfont_nrpn(38, -1200)) == [(0, 99, 120), (0, 98, 38), (0, 38, 40), (0, 6, 59)]
+    assert as_pairs(soundfont_nrpn(36, 1200, channel=2)) == [(2, 99, 120), (2, 98, 36), (2, 38, 88), (2, 6, 68)]
+    with pytest.raises(ValueError, match="An offset of 40000 timecents is beyond a SoundFont NRPN's range"):
+        soundfont_nrpn(38, 40000)
+
+
+def test_envelope_spread_moves_only_train_and_val_fluidsynth_pieces_and_leaves_default_plans_unchanged(capsys, tmp_path):
+    options = dict(sources=("procedural",), soundfonts=("FluidR3_GM", "TimGM6mb"), exclude_soundfont="TimGM6mb",
+                   val_fraction=0.2, test_fraction=0.2, max_piece_seconds=10, synths=("fluidsynth", "timidity"))
+    default = plan_jobs(0.5, seed=2, **options)
+    assert {job.envelope for job in default} == {(0, 0)}
+    assert plan_jobs(0.5, seed=2, envelope_spread=0, **options) == default
+    spread = plan_jobs(0.5, seed=2, envelope_spread=1200, **options)
+    assert [dataclasses.replace(job, envelope=(0, 0)) for job in spread] == default  # only the envelopes differ
+    moved = [job for job in spread if job.split != "test" and job.synth == "fluidsynth"]
+    assert moved and all(job.envelope != (0, 0) and max(map(abs, job.envelope)) <= 1200 for job in moved)
+    assert len({job.envelope for job in moved}) == len(moved)  # drawn per piece
+    assert {job.envelope for job in spread if job not in moved} == {(0, 0)}  # test pieces and TiMidity++'s
+    with pytest.raises(ValueError, match="envelope_spread must be between 0 and 4800 timecents, got -1"):
+        plan_jobs(0.5, seed=2, envelope_spread=-1, **options)
+    assert synth_main(["--out", str(tmp_path), "--hours", "0.01", "--envelope-spread", "6000"]) == 2
+    assert "envelope_spread must be between 0 and 4800 timecents, got 6000.0" in capsys.readouterr().err
+
+
+@needs_fluidsynth
+def test_an_envelope_offset_changes_how_fast_a_released_note_dies_away_and_not_the_notes(tmp_path):
+    from sound2sheet.notes import read_midi
+
+    font = next(iter(available_soundfonts().values()))
+    performed = [(0.0, 0.5, 60, 100), (0.0, 0.5, 67, 100)]  # keys pressed at time 0: the NRPNs must come first
+    tails, notes = [], []
+    for release in (-1200, 0, 1200):
+        path = tmp_path / f"release{release}.mid"
+        write_performance_midi(performed, [], path, envelope=(0, release))
+        track = next(t for t in mido.MidiFile(path).tracks if any(m.type == "note_on" for m in t))
+        controls = [m.control for m in track if m.type == "control_change"]
+        assert controls == ([99, 98, 38, 6] if release else [])
+        if release:
+            first_note = next(i for i, m in enumerate(track) if m.type == "note_on")
+            assert max(i for i, m in enumerate(track) if m.type == "control_change") < first_note
+        audio = render_audio(path, font, np.random.default_rng(0), seconds=2.0)
+        tails.append(float(np.sum(audio[int(0.6 * 16000) : int(0.8 * 16000)] ** 2)))  # after the keys lift
+        notes.append(read_midi(path))
+    assert tails[0] < 0.5 * tails[1] and tails[2] > 2 * tails[1]
+    assert notes[0] == notes[1] == notes[2]
+
+
+@needs_timidity
+def test_a_soundfont_timidity_cannot_read_stops_the_corpus_before_anything_is_rendered(monkeypatch, tmp_path):
+    import sound2sheet.data.synth as synth
+
+    (tmp_path / "Compressed.sf3").write_bytes(b"RIFF")
+    monkeypatch.setitem(synth.SOUNDFONT_CANDIDATES, "Compressed", (str(tmp_path / "Compressed.sf3"),))
+    font = next(iter(SF2_FONTS))
+    jobs = [RenderJob("procedural-scales-0-00000", "procedural", "scales", "train", font, 5, 3.0, synth="timidity"),
+            RenderJob("procedural-scales-0-00001", "procedural", "scales", "train", "Compressed", 6, 3.0, synth="timidity")]
+    with pytest.raises(RendererSetupError, match=r"TiMidity\+\+ reads .sf2 soundfonts only, not .*Compressed.sf3"):
+        render_corpus(tmp_path / "out", jobs, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,10 @@ out of train and val: every test piece is rendered with it, to measure generalis
 each soundfont); test pieces always use program 0, the acoustic grand. `--synths fluidsynth,timidity` renders train
 and val pieces with a synthesizer drawn per piece: TiMidity++ plays the same soundfonts with its own envelopes, whose
 releases ring on for longer after a key or the pedal lifts, so that the model learns where a note ends from more than
-one kind of release; test pieces are always rendered by FluidSynth.
+one kind of release; test pieces are always rendered by FluidSynth. `--envelope-spread 1200` moves the volume
+envelope's decay and release times of each train and val piece that FluidSynth renders by up to +-1200 timecents (a
+factor of two either way), drawn per piece and sent as SoundFont NRPNs at the start of its MIDI file: the same samples
+then die away at other rates, under a held key and after it lifts.
 Rendering is deterministic for a seed, parallel over --workers processes, and resumable (finished pieces are kept,
 unless the plan now gives them another soundfont, program or seed).
 Needs the Debian packages fluidsynth and at least one soundfont package, and timidity for `--synths timidity` (see
@@ -62,6 +65,7 @@ TEMPO_RANGE = (60.0, 140.0)  # quarter notes per minute of a performance's base 
 TEMPO_SWING = 0.15  # tempo curves stay within +-15 % of the base tempo
 TIMING_JITTER = 0.008  # seconds (standard deviation) of onset/offset jitter
 TAIL_SECONDS = 1.0  # audio kept after the last note ends (release and reverb)
+ENVELOPE_GENERATORS = (36, 38)  # SoundFont 2.01 generators moved by `--envelope-spread`: decayVolEnv, releaseVolEnv
 SPLIT_NAMES = ("train", "validation", "test")
 
 
@@ -244,8 +248,27 @@ def perform(beat_notes: Sequence[procedural.BeatNote], rng: np.random.Generator,
     return performed, pedal
 
 
-def write_performance_midi(performed, pedal, path: Path, program: int = 0):
-    """Write key presses and CC64 pedal events to a one-track piano MIDI file played by General MIDI `program`."""
+def soundfont_nrpn(generator: int, offset: int, channel: int = 0) -> list:
+    """The control changes (mido messages) of a SoundFont 2.01 NRPN that adds `offset` to `generator` on `channel`:
+    NRPN MSB 120 selects the SoundFont generators and NRPN LSB the generator; data entry LSB then MSB (FluidSynth
+    applies the value on the MSB) carries 8192 plus the offset in the generator's NRPN steps, which for envelope
+    times are 2 timecents."""
+    import mido
+
+    if not 0 <= generator < 100:
+        raise ValueError(f"SoundFont NRPNs here address generators 0-99, got {generator}.")
+    data = 8192 + round(offset / 2)
+    if not 0 <= data < 2**14:
+        raise ValueError(f"An offset of {offset} timecents is beyond a SoundFont NRPN's range (+-16382).")
+    return [mido.Message("control_change", channel=channel, control=control, value=value, time=0)
+            for control, value in ((99, 120), (98, generator), (38, data & 127), (6, data >> 7))]
+
+
+def write_performance_midi(performed, pedal, path: Path, program: int = 0, envelope: Tuple[int, int] = (0, 0)):
+    """Write key presses and CC64 pedal events to a one-track piano MIDI file played by General MIDI `program`.
+    A non-zero `envelope` (timecents added to the volume envelope's decay and release, `ENVELOPE_GENERATORS`) is
+    sent as SoundFont NRPNs before the first note."""
+    import mido
     import pretty_midi
 
     midi = pretty_midi.PrettyMIDI(initial_tempo=120.0)
@@ -257,6 +280,15 @@ def write_performance_midi(performed, pedal, path: Path, program: int = 0):
         piano.control_changes.append(pretty_midi.ControlChange(64, 0, up))
     midi.instruments.append(piano)
     midi.write(str(path))
+    if any(envelope):
+        # pretty_midi orders control changes of one tick by controller number, which would break the NRPN sequence,
+        # so the messages go in with mido at the head of the piano's track, ahead of any note at time 0
+        midi_file = mido.MidiFile(str(path))
+        track = next(track for track in midi_file.tracks if any(message.type == "note_on" for message in track))
+        head = [message for generator, offset in zip(ENVELOPE_GENERATORS, envelope) if offset
+                for message in soundfont_nrpn(generator, offset)]
+        track[:0] = head
+        midi_file.save(str(path))
 
 
 # --- rendering ----------------------------------------------------------------------------------------------------
@@ -275,6 +307,7 @@ class RenderJob:
     max_seconds: float
     program: int = 0  # General MIDI program (0-7: the piano family)
     synth: str = "fluidsynth"  # one of SYNTHS
+    envelope: Tuple[int, int] = (0, 0)  # timecents added to the volume envelope's decay and release (FluidSynth)
 
 
 def render_audio(
@@ -346,7 +379,7 @@ def render_job(job: RenderJob, out_dir: str) -> Optional[dict]:
     for folder in (audio_path.parent, midi_path.parent):
         folder.mkdir(parents=True, exist_ok=True)
     tmp_midi = midi_path.with_name(midi_path.name + ".partial")
-    write_performance_midi(performed, pedal, tmp_midi, job.program)
+    write_performance_midi(performed, pedal, tmp_midi, job.program, job.envelope)
     sounding = read_midi(tmp_midi)  # the pedal-extended ground truth
     seconds = max(note.offset for note in sounding) + TAIL_SECONDS
     audio = render_audio(tmp_midi, available_soundfonts()[job.soundfont], rng, seconds, job.synth)
@@ -366,18 +399,21 @@ def render_job(job: RenderJob, out_dir: str) -> Optional[dict]:
         entry["metadata"]["program"] = job.program
     if job.synth != "fluidsynth":  # likewise
         entry["metadata"]["synth"] = job.synth
+    if any(job.envelope):  # likewise
+        entry["metadata"]["envelope"] = {"decay": job.envelope[0], "release": job.envelope[1]}
     sidecar.write_text(json.dumps(entry))
     return entry
 
 
 def _rendered_as_planned(entry: dict, job: RenderJob) -> bool:
     """Whether a finished piece's sidecar entry matches its job: a plan made with other soundfonts installed, other
-    programs, other synthesizers or another seed may give the piece another soundfont, program or synthesizer, and
-    then it is rendered again."""
+    programs, other synthesizers, another envelope spread or another seed may give the piece another soundfont,
+    program, synthesizer or envelope, and then it is rendered again."""
     metadata = entry.get("metadata", {})
+    envelope = metadata.get("envelope", {})
     rendered = (metadata.get("soundfont"), metadata.get("seed"), metadata.get("piece"), metadata.get("program", 0),
-                metadata.get("synth", "fluidsynth"))
-    return rendered == (job.soundfont, job.seed, job.reference, job.program, job.synth)
+                metadata.get("synth", "fluidsynth"), (envelope.get("decay", 0), envelope.get("release", 0)))
+    return rendered == (job.soundfont, job.seed, job.reference, job.program, job.synth, tuple(job.envelope))
 
 
 def _unit_hash(*parts) -> float:
@@ -408,13 +444,16 @@ def plan_jobs(
     pieces: Optional[Sequence[str]] = None,
     programs: Sequence[int] = (0,),
     synths: Sequence[str] = ("fluidsynth",),
+    envelope_spread: float = 0.0,
 ) -> List[RenderJob]:
     """The pieces to render for about `hours` of audio (each piece at most `max_piece_seconds`).
 
     Train and validation pieces are played by one of `programs` (General MIDI's piano family, 0-7) and rendered by
-    one of `synths` (`SYNTHS`), each drawn from a hash of the piece: more timbres from the same soundfonts. Test pieces
-    are always played by program 0, the acoustic grand piano, and rendered by FluidSynth, so the test split stays the
-    same whatever `programs` and `synths` are.
+    one of `synths` (`SYNTHS`), each drawn from a hash of the piece: more timbres from the same soundfonts. Those that
+    FluidSynth renders have their volume envelope's decay and release times moved by offsets drawn from a hash of the
+    piece within +-`envelope_spread` timecents (1200 timecents double or halve a time). Test pieces are always played
+    by program 0, the acoustic grand piano, and rendered by FluidSynth with the soundfont's own envelopes, so the test
+    split stays the same whatever `programs`, `synths` and `envelope_spread` are.
     """
     for piece in pieces or ():
         check_not_reserved(piece)
@@ -424,6 +463,8 @@ def plan_jobs(
     synths = list(synths)
     if not synths or any(synth not in SYNTHS for synth in synths):
         raise ValueError(f"synths must be among {', '.join(SYNTHS)}, got {synths}.")
+    if not 0 <= envelope_spread <= 4800:
+        raise ValueError(f"envelope_spread must be between 0 and 4800 timecents, got {envelope_spread}.")
     training_fonts = [name for name in soundfonts if name != exclude_soundfont]
     if not training_fonts:
         raise ValueError("No soundfont left for train/val after --exclude-soundfont.")
@@ -461,8 +502,11 @@ def plan_jobs(
             font = training_fonts[int(_unit_hash("font", seed, piece_id) * len(training_fonts))]
         program = 0 if split == "test" else programs[int(_unit_hash("program", seed, piece_id) * len(programs))]
         synth = "fluidsynth" if split == "test" else synths[int(_unit_hash("synth", seed, piece_id) * len(synths))]
+        envelope = (0, 0)
+        if split != "test" and synth == "fluidsynth" and envelope_spread:
+            envelope = tuple(round(envelope_spread * (2 * _unit_hash(name, seed, piece_id) - 1)) for name in ("decay", "release"))
         jobs.append(RenderJob(piece_id, source, reference, split, font, _piece_seed(seed, piece_id), max_piece_seconds,
-                              program, synth))
+                              program, synth, envelope))
         planned.add(piece_id)
     return jobs
 
@@ -470,7 +514,11 @@ def plan_jobs(
 def render_corpus(out_dir: str | os.PathLike, jobs: Sequence[RenderJob], workers: int = 1, progress: bool = True) -> Dict[str, List[dict]]:
     """Render `jobs` (in parallel), write the three manifests, and return the entries by split."""
     fluidsynth_binary()
-    require_soundfonts(sorted({job.soundfont for job in jobs}))
+    fonts = require_soundfonts(sorted({job.soundfont for job in jobs}))
+    if any(job.synth == "timidity" for job in jobs):
+        timidity_binary()
+        for name in sorted({job.soundfont for job in jobs if job.synth == "timidity"}):
+            timidity_config(fonts[name])  # a soundfont TiMidity++ cannot read stops the corpus before it starts
     out_dir = str(out_dir)
     results: Dict[str, dict] = {}
     failures = []
@@ -546,6 +594,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--synths", default="fluidsynth",
                         help=f"comma-separated synthesizers for train and val pieces, among {', '.join(SYNTHS)} "
                              "(default: fluidsynth; test pieces always use it)")
+    parser.add_argument("--envelope-spread", type=float, default=0.0,
+                        help="timecents (0-4800) within which the volume envelope's decay and release times of train and "
+                             "val pieces rendered by FluidSynth are moved, per piece (default: 0, the soundfonts' own)")
     args = parser.parse_args(argv)
     try:
         programs = parse_programs(args.programs)
@@ -558,7 +609,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         jobs = plan_jobs(
             args.hours, args.seed, [s.strip() for s in args.sources.split(",")], list(fonts), args.exclude_soundfont,
             args.val_fraction, args.test_fraction, args.max_piece_seconds, args.procedural_fraction,
-            args.pieces.split(",") if args.pieces else None, programs, synths,
+            args.pieces.split(",") if args.pieces else None, programs, synths, args.envelope_spread,
         )
         by_split = render_corpus(args.out, jobs, workers=args.workers)
     except (RendererSetupError, ReservedPieceError, ValueError) as err:
