@@ -28,13 +28,13 @@ from .feature_extraction_sound2sheet import load_audio
 from .modeling_sound2sheet import Sound2SheetForConditionalGeneration
 from .generation_sound2sheet import with_note_grammar
 from .processing_sound2sheet import (
+    Sound2SheetProcessor,
     clip_notes,
     decode_owned_notes,
     generate_with_frames,
     refine_notes_with_frames,
     resolve_refine_notes,
     resolve_window_overlap,
-    windows_needed,
 )
 
 ASR_TASK = "automatic-speech-recognition"
@@ -64,8 +64,10 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
         return isinstance(self.model, Sound2SheetForConditionalGeneration)
 
     @property
-    def window_samples(self) -> int:
-        return int(round(self.feature_extractor.window_seconds * self.feature_extractor.sampling_rate))
+    def _windowing(self) -> Sound2SheetProcessor:
+        """The pipeline's feature extractor and tokenizer as the processor that cuts audio into windows (the base
+        pipeline's own `processor` attribute is left as transformers sets it)."""
+        return Sound2SheetProcessor(self.feature_extractor, self.tokenizer)
 
     def _sanitize_parameters(self, chunk_length_s=None, stride_length_s=None, **kwargs):
         if not self.is_sound2sheet:
@@ -109,18 +111,14 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
             return
         samples = self._load(inputs)
         rate = self.feature_extractor.sampling_rate
-        size = self.window_samples
-        hop = size - int(round(window_overlap * rate))
-        starts = [index * hop for index in range(windows_needed(len(samples) / rate, size / rate, hop / rate))]
-        for index, start in enumerate(starts):
-            window = samples[start : start + size]
-            if len(window) < size:
-                window = np.pad(window, (0, size - len(window)))
+        processor = self._windowing
+        count, hop = processor.count_windows(samples, rate, window_overlap), processor.window_hop(window_overlap)
+        for index, window in enumerate(processor.iter_windows(samples, rate, window_overlap)):  # as `transcribe`'s
             features = self.feature_extractor(window, sampling_rate=rate, return_tensors="pt")
             yield {
-                "is_last": index == len(starts) - 1,
+                "is_last": index == count - 1,
                 "input_values": features["input_values"],
-                "window_start": torch.tensor([index * (hop / rate)], dtype=torch.float64),  # as `transcribe`'s
+                "window_start": torch.tensor([index * hop], dtype=torch.float64),
                 "audio_seconds": torch.tensor([len(samples) / rate], dtype=torch.float64),
             }
 
