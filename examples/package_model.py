@@ -5,8 +5,8 @@
 
 Copies the inference files of RUN (a run's final model, or a checkpoint folder) into DEST (weights as safetensors,
 config, generation config, tokenizer and feature extractor), with the frame head that places the notes, and writes the
-model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the eleven-stage recipe
-(examples/train_piano_small.json, then _stage2.json to _stage11.json), the data, the parameter count, and the
+model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the twelve-stage recipe
+(examples/train_piano_small.json, then _stage2.json to _stage12.json), the data, the parameter count, and the
 test-split results that `benchmarks/quality.py --report quality.json` measured, in the card's `model-index`.
 """
 
@@ -21,16 +21,16 @@ from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcesso
 from sound2sheet.training import write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", *(f"_stage{n}" for n in range(2, 12))))
+RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", *(f"_stage{n}" for n in range(2, 13))))
 
 
-def corpus_command(out: str, hours: int, soundfonts: str, programs: str = "", synths: str = "") -> str:
+def corpus_command(out: str, hours: int, soundfonts: str, programs: str = "", synths: str = "", envelope_spread: int = 0) -> str:
     """The renderer's command for one of the recipe's corpora. The soundfonts are named: the plan spreads train and
     val pieces over those given (by default, every installed one); so are the General MIDI programs, when not only the
-    grand piano, and the synthesizers, when not only FluidSynth."""
+    grand piano, the synthesizers, when not only FluidSynth, and the envelope spread, when not 0."""
     return (f"python -m sound2sheet.data.synth --out {out} --hours {hours} --exclude-soundfont TimGM6mb --seed 0 "
             f"--soundfonts {soundfonts}" + (f" --programs {programs}" if programs else "")
-            + (f" --synths {synths}" if synths else ""))
+            + (f" --synths {synths}" if synths else "") + (f" --envelope-spread {envelope_spread}" if envelope_spread else ""))
 
 
 CORPUS_COMMAND = corpus_command("data/piano-synth", 3, "FluidR3_GM,MuseScore_General,TimGM6mb")
@@ -39,16 +39,20 @@ CORPUS_V3_COMMAND = corpus_command("data/piano-synth-v3", 12, "FluidR3_GM,MuseSc
 CORPUS_V4_COMMAND = corpus_command("data/piano-synth-v4", 24, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank", "0,1,2,3")
 CORPUS_V5_COMMAND = corpus_command("data/piano-synth-v5", 24, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank", "0,1,2,3",
                                    "fluidsynth,timidity")
+CORPUS_V6_COMMAND = corpus_command("data/piano-synth-v6", 24, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank", "0,1,2,3",
+                                   "fluidsynth,timidity", 1200)
 MAX_WEIGHTS_MB = 40
 TRAINING_DATA = (
-    "Piano audio rendered with FluidSynth (and in v5 also TiMidity++) by `python -m sound2sheet.data.synth` from "
+    "Piano audio rendered with FluidSynth (and from v5 also TiMidity++) by `python -m sound2sheet.data.synth` from "
     "MIDI: the music21 corpus without the pieces reserved for evaluation, plus procedural piano music (scales, "
-    "arpeggios, block chords, repeated notes, two hands, random polyphony), with pedal and tempo variation. Five "
+    "arpeggios, block chords, repeated notes, two hands, random polyphony), with pedal and tempo variation. Six "
     "corpora, each containing the previous one's test pieces: `data/piano-synth` (3.4 hours of training audio; "
     "stages 1-7), `data/piano-synth-v2` (6.9 hours; stage 8), `data/piano-synth-v3` (13.7 hours, 863 training "
-    "pieces; stage 9), `data/piano-synth-v4` (27.2 hours, 1724 training pieces; stage 10) and `data/piano-synth-v5` "
+    "pieces; stage 9), `data/piano-synth-v4` (27.2 hours, 1724 training pieces; stage 10), `data/piano-synth-v5` "
     "(v4's performances, 903 of its 1724 training pieces and 40 of its 93 validation pieces rendered by TiMidity++ "
-    "instead, whose releases ring on for longer; stage 11). The training and validation pieces are played by "
+    "instead, whose releases ring on for longer; stage 11) and `data/piano-synth-v6` (v5 with the other 821 training "
+    "and 53 validation pieces rendered by FluidSynth again with their volume envelope's decay and release times moved "
+    "by up to a factor of two, drawn per piece; stage 12). The training and validation pieces are played by "
     "FluidR3_GM, MuseScore_General and (from v2) Csound's sf_GMbank, in v4 with one of the first four General MIDI "
     "pianos each (acoustic grand, bright, electric grand, honky-tonk); TimGM6mb is kept out of training and plays "
     "every test piece on the acoustic grand, so the results below are on an unseen piano timbre as well as unseen "
@@ -128,9 +132,15 @@ def main(argv=None):
         "12. Stage 11, at a lower peak rate, on v4's performances with about half of the training and validation pieces "
         f"rendered by TiMidity++ instead of FluidSynth: render `{CORPUS_V5_COMMAND}` (the pieces rendered by "
         "FluidSynth, and the whole test split, are v4's: copying v4's folder first renders only the others), then "
-        "`python run_transcription.py train examples/train_piano_small_stage11.json`; the model is its best checkpoint by "
+        "`python run_transcription.py train examples/train_piano_small_stage11.json`; stage 12 starts from its best "
+        "checkpoint by validation loss, `checkpoint-2500`, which the run's folder holds at the end (the last, "
+        "`checkpoint-3000`, is a hair behind: 1.485 against 1.484).\n"
+        "13. Stage 12, the same schedule, with the pieces that FluidSynth renders given other decay and release times: "
+        f"render `{CORPUS_V6_COMMAND}` (the pieces rendered by TiMidity++, and the whole test split, are v5's: copying "
+        "v5's folder first renders only the others), then "
+        "`python run_transcription.py train examples/train_piano_small_stage12.json`; the model is its best checkpoint by "
         "validation loss, `checkpoint-2500`, which the run's folder holds at the end (the last, `checkpoint-3000`, is a "
-        "hair behind: 1.485 against 1.484).\n\n"
+        "hair behind: 1.478 against 1.476).\n\n"
         "At inference, the decoded notes are placed on the frame head's onsets and offsets, and the head's sure "
         "onsets that the decoder missed are added (`refine_notes`, on by default for this model).\n\n"
         + "".join(f"Stage {number}:\n\n```json\n{text}\n```\n\n" for number, text in enumerate(stages, start=1))
