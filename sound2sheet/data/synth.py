@@ -20,7 +20,7 @@ envelope's decay and release times of each train and val piece that FluidSynth r
 factor of two either way), drawn per piece and sent as SoundFont NRPNs at the start of its MIDI file: the same samples
 then die away at other rates, under a held key and after it lifts.
 Rendering is deterministic for a seed, parallel over --workers processes, and resumable (finished pieces are kept,
-unless the plan now gives them another soundfont, program or seed).
+unless the plan now gives them another soundfont, program, synthesizer, envelope or seed).
 Needs the Debian packages fluidsynth and at least one soundfont package, and timidity for `--synths timidity` (see
 `APT_PACKAGES`).
 """
