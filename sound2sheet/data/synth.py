@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -279,16 +280,19 @@ def write_performance_midi(performed, pedal, path: Path, program: int = 0, envel
         piano.control_changes.append(pretty_midi.ControlChange(64, 127, down))
         piano.control_changes.append(pretty_midi.ControlChange(64, 0, up))
     midi.instruments.append(piano)
-    midi.write(str(path))
-    if any(envelope):
-        # pretty_midi orders control changes of one tick by controller number, which would break the NRPN sequence,
-        # so the messages go in with mido at the head of the piano's track, ahead of any note at time 0
-        midi_file = mido.MidiFile(str(path))
-        track = next(track for track in midi_file.tracks if any(message.type == "note_on" for message in track))
-        head = [message for generator, offset in zip(ENVELOPE_GENERATORS, envelope) if offset
-                for message in soundfont_nrpn(generator, offset)]
-        track[:0] = head
-        midi_file.save(str(path))
+    if not any(envelope):
+        midi.write(str(path))
+        return
+    # pretty_midi orders control changes of one tick by controller number, which would break the NRPN sequence, so the
+    # messages go in with mido at the head of the piano's track, ahead of any note at time 0 (one file written)
+    buffer = io.BytesIO()
+    midi.write(buffer)
+    buffer.seek(0)
+    midi_file = mido.MidiFile(file=buffer)
+    track = next(track for track in midi_file.tracks if any(message.type == "note_on" for message in track))
+    track[:0] = [message for generator, offset in zip(ENVELOPE_GENERATORS, envelope) if offset
+                 for message in soundfont_nrpn(generator, offset)]
+    midi_file.save(str(path))
 
 
 # --- rendering ----------------------------------------------------------------------------------------------------
