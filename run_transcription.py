@@ -4,6 +4,7 @@
     python run_transcription.py transcribe examples/example.flac --output-dir outputs
     python run_transcription.py train --manifest_dir DATASET --output_dir runs/my-model [...]   (or: train config.json)
     python run_transcription.py evaluate --model_name_or_path runs/my-model --manifest_dir DATASET --split test
+    python run_transcription.py average --checkpoints runs/my-model/checkpoint-{2000,2500} --output_dir runs/my-model-average
 
 Each subcommand's options: `python run_transcription.py SUBCOMMAND --help`.
 """
@@ -19,7 +20,7 @@ from typing import List, Optional
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_DIR / "models" / "sound2sheet-piano-small"
-SUBCOMMANDS = ("train", "evaluate", "transcribe")
+SUBCOMMANDS = ("train", "evaluate", "transcribe", "average")
 OUTPUT_FORMATS = ("midi", "json", "musicxml", "pdf", "png", "pianoroll")
 FORMAT_SUFFIX = {"midi": ".mid", "json": ".json", "musicxml": ".musicxml", "pdf": ".pdf", "png": ".png", "pianoroll": ".pianoroll.png"}
 
@@ -724,6 +725,38 @@ def run_evaluate(argv: List[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# average
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AverageArguments:
+    """Options of `run_transcription.py average --checkpoints A B [...] --output_dir DIR`: one model whose weights are
+    the mean of the checkpoints' (`sound2sheet.training.average_checkpoints`)."""
+
+    checkpoints: List[str] = field(
+        metadata={"help": "Two or more checkpoint (or model) folders of one configuration, e.g. a run's last checkpoints."}
+    )
+    output_dir: str = field(metadata={"help": "Folder for the averaged model (with the first checkpoint's processor files)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace --output_dir if it already holds files."})
+
+
+def run_average(argv: List[str]) -> int:
+    from sound2sheet.training import average_checkpoints
+
+    args = parse_into_dataclasses(build_parser(AverageArguments, prog="run_transcription.py average"), argv)[0]
+    try:
+        output_dir = average_checkpoints(args.checkpoints, args.output_dir, overwrite=args.overwrite_output_dir)
+    except FileExistsError:
+        raise UsageError(f"--output_dir {args.output_dir}: already holds files; choose another folder or pass "
+                         "--overwrite_output_dir") from None
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    print(f"averaged {len(args.checkpoints)} checkpoints into {output_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -735,7 +768,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    runners = {"transcribe": run_transcribe, "train": run_train, "evaluate": run_evaluate}
+    runners = {"transcribe": run_transcribe, "train": run_train, "evaluate": run_evaluate, "average": run_average}
     try:
         if command not in runners:
             raise UsageError(f"unknown subcommand {command!r}; choose one of {', '.join(SUBCOMMANDS)}")
