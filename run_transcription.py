@@ -310,6 +310,11 @@ class ModelArguments:
         default=None,
         metadata={"help": "Weight of the auxiliary onset/frame loss on the encoder (0: none; default: the checkpoint's, or 0)."},
     )
+    frame_offsets: Optional[bool] = field(
+        default=None,
+        metadata={"help": "The frame head also predicts offsets (needs a frame loss weight > 0; default: the checkpoint's, "
+                  "or off); switching it on for a checkpoint keeps its onset and sounding outputs and adds new ones."},
+    )
 
 
 @dataclass
@@ -415,12 +420,17 @@ def build_model_and_processor(model_args: ModelArguments):
             overrides.update(encoder_memory=model_args.encoder_memory, ignore_mismatched_sizes=True)
         if model_args.cross_attention_time_bias is not None:
             overrides["cross_attention_time_bias"] = model_args.cross_attention_time_bias
+        if model_args.frame_loss_weight == 0:
+            overrides["frame_offsets"] = False  # no frame head, so no offset outputs
         model, processor = load_transcriber(model_args.model_name_or_path, model_args.allow_pickle, **overrides)
+        set_frame_offsets(model, model_args.frame_offsets)
         if model_args.freeze_encoder:
             model.freeze_encoder()
         return model.train(), processor
     processor = Sound2SheetProcessor(Sound2SheetFeatureExtractor(), Sound2SheetTokenizer())
     extractor = processor.feature_extractor
+    if model_args.frame_offsets and not model_args.frame_loss_weight:
+        raise UsageError("--frame_offsets: offsets are outputs of the frame head; add one with --frame_loss_weight > 0")
     config = Sound2SheetConfig(
         vocab_size=len(processor.tokenizer),
         hidden_size=model_args.hidden_size,
@@ -431,6 +441,7 @@ def build_model_and_processor(model_args: ModelArguments):
         max_target_positions=model_args.max_target_length,
         freeze_encoder=model_args.freeze_encoder,
         frame_loss_weight=model_args.frame_loss_weight or 0.0,
+        frame_offsets=bool(model_args.frame_offsets),
         encoder_memory=model_args.encoder_memory or "patches",
         cross_attention_time_bias=bool(model_args.cross_attention_time_bias),
         encoder_config={
@@ -451,6 +462,18 @@ def build_model_and_processor(model_args: ModelArguments):
     else:
         model = Sound2SheetForConditionalGeneration(config)
     return model, processor
+
+
+def set_frame_offsets(model, frame_offsets: Optional[bool]) -> None:
+    """Give a loaded model's frame head offset outputs (`add_frame_offsets`) when `frame_offsets` is True; None keeps
+    the checkpoint's. One-line `UsageError`s for a model without a frame head, and for taking offsets away."""
+    if frame_offsets:
+        try:
+            model.add_frame_offsets()
+        except ValueError as err:
+            raise UsageError(f"--frame_offsets: {err}") from None
+    elif frame_offsets is False and model.config.frame_offsets:
+        raise UsageError("--frame_offsets false: the checkpoint's frame head predicts offsets; they cannot be taken away")
 
 
 def tensorboard_installed() -> bool:
@@ -542,6 +565,7 @@ def run_train(argv: List[str]) -> int:
         train_pieces, feature_extractor, tokenizer, train=True, windows_per_piece=data_args.train_windows_per_piece,
         seed=training_args.seed, augment=Augmentation() if data_args.augment else None, max_target_length=max_target,
         frame_grid=model.config.frame_grid if model.config.frame_loss_weight > 0 else None,
+        frame_offsets=model.config.frame_offsets,
     )
     eval_dataset = WindowDataset(val_pieces, feature_extractor, tokenizer, train=False, max_target_length=max_target,
                                  max_windows=data_args.max_eval_windows)

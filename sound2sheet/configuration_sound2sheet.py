@@ -70,6 +70,12 @@ class Sound2SheetConfig(PretrainedConfig):
             `frame_labels`, see `WindowDataset(frame_grid=...)`). Dense targets for every 40 ms of audio teach the
             encoder pitch and onset features sooner than the token loss alone. 0 builds no head; the head is unused
             by `generate`.
+        frame_offsets (`bool`, *optional*, defaults to `False`):
+            With a frame head (`frame_loss_weight > 0`): give it 3 x 128 outputs instead of 2 x 128, the onsets and
+            sounding pitches, then offsets: that a note of each pitch stops sounding nearest the column's centre. At
+            inference a note then ends on a peak of its pitch's offset probability where there is one near the end the
+            sounding probabilities give (`end_notes_on_sustain`). A trained model without them gets them from
+            `Sound2SheetForConditionalGeneration.add_frame_offsets` (`run_transcription.py train --frame_offsets`).
         encoder_memory (`str`, *optional*, defaults to `"patches"`):
             What the decoder cross-attends to. `"patches"`: every AST token (CLS and distillation tokens, then the
             frequency rows x time columns of patches), each projected to `hidden_size`. `"columns"`: one token per time
@@ -135,6 +141,7 @@ class Sound2SheetConfig(PretrainedConfig):
     activation_function: str = "gelu"
     max_target_positions: int = 1024
     frame_loss_weight: float = 0.0
+    frame_offsets: bool = False
     encoder_memory: str = "patches"
     cross_attention_time_bias: bool = False
     time_token_offset: int = 4
@@ -179,6 +186,8 @@ class Sound2SheetConfig(PretrainedConfig):
                 )
         if self.frame_loss_weight < 0:
             raise ValueError(f"frame_loss_weight must be >= 0, got {self.frame_loss_weight}.")
+        if self.frame_offsets and not self.frame_loss_weight > 0:
+            raise ValueError("frame_offsets are outputs of the frame head: set frame_loss_weight > 0 to build one.")
         for name in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"):
             token_id = getattr(self, name)
             if token_id is not None and not 0 <= token_id < self.vocab_size:

@@ -457,10 +457,11 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         super().__init__(config)
         self.model = Sound2SheetModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # Auxiliary head: one column of encoder output -> onset and sounding logits per MIDI pitch. It trains the
-        # encoder, and at inference it places the decoded notes' onsets and offsets (`Sound2SheetProcessor.transcribe`).
+        # Auxiliary head: one column of encoder output -> onset and sounding (and offset) logits per MIDI pitch. It
+        # trains the encoder, and at inference it places the decoded notes' onsets and offsets
+        # (`Sound2SheetProcessor.transcribe`).
         column_width = config.hidden_size * (1 if config.encoder_memory == "columns" else config.encoder_grid[0])
-        self.frame_head = nn.Linear(column_width, 2 * FRAME_PITCHES) if config.frame_loss_weight > 0 else None
+        self.frame_head = nn.Linear(column_width, frame_head_outputs(config)) if config.frame_loss_weight > 0 else None
         self.post_init()
         generation = self.generation_config
         if generation is not None and generation.max_length in (None, 20) and generation.max_new_tokens is None:
@@ -520,8 +521,9 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         input_values (`torch.FloatTensor` of shape `(batch, frames, mel_bins)`): log-mel windows.
         labels (`torch.LongTensor` of shape `(batch, target_length)`, *optional*): note-event token ids ending in EOS,
             -100 where the loss should ignore them (padding). Shifted right inside to make `decoder_input_ids`.
-        frame_labels (`torch.FloatTensor` of shape `(batch, columns, 256)`, *optional*): per encoder token column, 1
-            where a MIDI pitch starts (first 128) and where it sounds (last 128); see `frame_logits`. With
+        frame_labels (`torch.FloatTensor` of shape `(batch, columns, 256)`, or `(batch, columns, 384)` with
+            `config.frame_offsets`, *optional*): per encoder token column, 1 where a MIDI pitch starts (first 128),
+            where it sounds (next 128) and where it stops sounding (last 128, with offsets); see `frame_logits`. With
             `config.frame_loss_weight > 0`, their loss times that weight is added to the token loss.
         decoder_time_steps (`torch.LongTensor` of shape `(batch, decoder_length)`, *optional*): with
             `config.cross_attention_time_bias`, the time step in force at each decoder input token
@@ -588,9 +590,10 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         return past_key_values
 
     def frame_logits(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """(batch, columns, 256) logits of the auxiliary head from the encoder output: for each encoder time column,
-        whether each MIDI pitch starts there (first 128) and sounds at its centre (last 128). With patch memory the
-        head reads the column's frequency rows side by side (CLS/distillation tokens skipped); with column memory,
+        """(batch, columns, 256) logits of the auxiliary head from the encoder output, (batch, columns, 384) with
+        `config.frame_offsets`: for each encoder time column, whether each MIDI pitch starts there (first 128), sounds
+        at its centre (next 128) and, with offsets, stops sounding nearest to its centre (last 128). With patch memory
+        the head reads the column's frequency rows side by side (CLS/distillation tokens skipped); with column memory,
         the column token. `config.frame_grid` gives the columns' times."""
         if self.frame_head is None:
             raise ValueError("This model has no frame head: build it with frame_loss_weight > 0 to use frame_labels.")
@@ -605,8 +608,42 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
 
     def frame_probabilities(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, columns, 256) probabilities of the frame head (`frame_logits`), in float32: that each MIDI pitch
-        starts in each encoder time column (first 128), and that it sounds at the column's centre (last 128)."""
+        starts in each encoder time column (first 128), and that it sounds at the column's centre (next 128). With
+        `config.frame_offsets`, (batch, columns, 384): then also that it stops sounding nearest the centre (last 128)."""
         return torch.sigmoid(self.frame_logits(encoder_hidden_states).float())
+
+    def add_frame_offsets(self) -> None:
+        """Give the frame head offset outputs (`config.frame_offsets`), to go on training a model that has none.
+
+        The head grows from 256 to 384 outputs: the onset and sounding rows of its weight and bias are kept exactly,
+        and `config.frame_offsets` becomes True, so the model saves and loads with the larger head. The 128 offset
+        rows start with zero weights and the onset rows' biases: each pitch's offset probability starts at the
+        constant its onsets are predicted at when nothing is heard (a rare event's rate), so the new outputs neither
+        send random gradients into the trained encoder nor add a large loss at the first steps, as random rows
+        predicting 0.5 everywhere would. (Loading the checkpoint with `frame_offsets=True` instead
+        would fail on the head's shape, or with `ignore_mismatched_sizes` start the whole head anew.) A model whose
+        head already has offsets is left as it is.
+
+        Raises:
+            ValueError: the model has no frame head (`frame_loss_weight` is 0).
+        """
+        if self.frame_head is None:
+            raise ValueError("This model has no frame head to add offsets to: build it with frame_loss_weight > 0.")
+        if self.config.frame_offsets:
+            return
+        old = self.frame_head
+        if old.out_features != 2 * FRAME_PITCHES:
+            raise ValueError(f"Expected a frame head of {2 * FRAME_PITCHES} outputs without offsets, found {old.out_features}.")
+        head = nn.Linear(old.in_features, 3 * FRAME_PITCHES, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            head.weight[: old.out_features] = old.weight
+            head.bias[: old.out_features] = old.bias
+            head.weight[old.out_features :] = 0.0
+            head.bias[old.out_features :] = old.bias[:FRAME_PITCHES]
+        head.requires_grad_(old.weight.requires_grad)
+        head.train(old.training)
+        self.frame_head = head
+        self.config.frame_offsets = True
 
     @classmethod
     def from_encoder_pretrained(
@@ -648,6 +685,12 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         if config.freeze_encoder:
             model.freeze_encoder()
         return model
+
+
+def frame_head_outputs(config: Sound2SheetConfig) -> int:
+    """Outputs of the frame head a model with this configuration builds: `FRAME_PITCHES` each for onsets, sounding
+    pitches and, with `config.frame_offsets`, offsets (in that order)."""
+    return (3 if config.frame_offsets else 2) * FRAME_PITCHES
 
 
 def _config_with_pretrained_encoder_size(config: Sound2SheetConfig, source: ASTConfig, name: str) -> Sound2SheetConfig:

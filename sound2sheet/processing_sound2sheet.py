@@ -62,6 +62,14 @@ ADDED_ONSET_THRESHOLD = 0.6
 START_BEFORE = 0.5
 START_AFTER = 0.7
 START_COLUMNS = 2
+# With a frame head that predicts offsets (`config.frame_offsets`), a note ends on the highest peak of its pitch's offset
+# probability that is over OFFSET_PEAK_THRESHOLD and within OFFSET_REACH seconds of where the sounding probabilities end
+# it (`end_notes_on_sustain`), OFFSET_PEAK_LEAD seconds before the peak: a peak's place does not depend on how well the
+# probabilities are calibrated, which an unfamiliar piano shifts. First guesses (a peak half as sure as a sustain, five
+# columns either way), to be tuned on validation data, as the settings above were, once a model with offsets is trained.
+OFFSET_PEAK_THRESHOLD = 0.2
+OFFSET_REACH = 0.2
+OFFSET_PEAK_LEAD = 0.0
 # Refined transcription overlaps consecutive windows by WINDOW_OVERLAP seconds (1.14x the windows) and takes each
 # stretch of audio from the window it lies furthest inside (`window_ownership`). Cut end to end, the frame head has no
 # column over a seam (its columns are 160 ms apart there instead of 40 ms) and hears the first and last 160 ms of a
@@ -103,7 +111,9 @@ ENCODER_BATCH_SIZE = 2
 ROUND_TOKENS = 16
 MIN_NOTE_SECONDS = 0.01  # a placed note lasts at least one time step
 OFFSET_DECIMALS = 3  # offsets from the frame head, to the millisecond (interpolated between its 40 ms columns)
-FRAME_PITCHES = 128  # the frame head's pitches: onset probabilities of MIDI 0-127, then sounding probabilities
+# The frame head's pitches: onset probabilities of MIDI 0-127, then sounding probabilities, then (from a model with
+# `config.frame_offsets`) offset probabilities.
+FRAME_PITCHES = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,7 +202,7 @@ def onset_peaks(
     probability is over `threshold` and a maximum along time (of a plateau, the last column).
 
     Args:
-        probabilities: per window, a (columns, pitches) array of onset probabilities (the first half of
+        probabilities: per window, a (columns, pitches) array of onset probabilities (the first 128 of
             `Sound2SheetForConditionalGeneration.frame_probabilities`).
         window_starts: each window's start in seconds.
         frame_grid: (centre of the first column in seconds, seconds between columns, columns), the model's
@@ -289,6 +299,10 @@ def end_notes_on_sustain(
     gap: float = SUSTAIN_GAP,
     lead: float = OFFSET_LEAD,
     threshold: float = SUSTAIN_THRESHOLD,
+    offsets: Optional[Sequence[np.ndarray]] = None,
+    offset_threshold: float = OFFSET_PEAK_THRESHOLD,
+    offset_reach: float = OFFSET_REACH,
+    offset_lead: float = OFFSET_PEAK_LEAD,
 ) -> List[Note]:
     """Notes whose offsets come from where the frame head hears their pitch, in onset order.
 
@@ -300,9 +314,17 @@ def end_notes_on_sustain(
     onset at the earliest), to the millisecond. A note never heard ends halfway between the column after its onset and
     the one before.
 
+    With `offsets` (a head that predicts them), a note whose pitch has an offset peak near that end (before the lead)
+    ends on it instead: of the pitch's peaks (over `offset_threshold` and a maximum along time, of a plateau the last
+    column, as onset peaks are found) at most `offset_reach` seconds from the end, from one column after the note's
+    onset and not past the pitch's next onset, the one of highest probability. Its time is refined between columns by
+    the parabola through the peak and its two neighbours (at most half a column; not at the first or last column of a
+    stretch of consecutive columns, e.g. a window of windows cut end to end) and cut at the pitch's next onset; the
+    note ends `offset_lead` seconds before it. A note with no such peak ends as without `offsets`.
+
     Args:
         notes: notes with their onsets placed (`place_notes_on_onsets`).
-        sounding: per window, a (columns, pitches) array of the frame head's sounding probabilities (the second half
+        sounding: per window, a (columns, pitches) array of the frame head's sounding probabilities (the second 128
             of `Sound2SheetForConditionalGeneration.frame_probabilities`; any float type).
         window_starts, frame_grid: as for `onset_peaks`.
         first_columns: per window, the column of its window that the first row of its `sounding` array is (the
@@ -311,6 +333,13 @@ def end_notes_on_sustain(
         gap: the longest silence, in seconds (rounded to whole columns), that a note sounds through.
         lead: seconds by which a note ends before the head stops hearing it (`OFFSET_LEAD`).
         threshold: the sounding probability from which a pitch sounds (`SUSTAIN_THRESHOLD`).
+        offsets: per window, a (columns, pitches) array of the frame head's offset probabilities (the third 128 of
+            `frame_probabilities`, from a model with `config.frame_offsets`; any float type), its rows the same
+            columns as `sounding`'s; None: the notes end on the sounding probabilities alone.
+        offset_threshold: the probability over which an offset peak counts (`OFFSET_PEAK_THRESHOLD`).
+        offset_reach: the furthest, in seconds, that an offset peak may lie from where the sounding probabilities end
+            the note (`OFFSET_REACH`).
+        offset_lead: seconds by which a note ends before its offset peak (`OFFSET_PEAK_LEAD`).
     """
     first, step, _ = frame_grid
     bridged = int(round(gap / step))
@@ -326,6 +355,7 @@ def end_notes_on_sustain(
     )
     probabilities = np.concatenate([np.asarray(window) for window in sounding])
     heard = probabilities >= threshold
+    peaks = None if offsets is None else _offset_peaks(offsets, times, step, offset_threshold)
     restarts: Dict[int, list] = {}
     for note in notes:  # in onset order, so each pitch's onsets come out sorted
         restarts.setdefault(note.pitch, []).append(note.onset)
@@ -346,11 +376,51 @@ def end_notes_on_sustain(
             offset = float(times[begin + end - 1] + step * (last - threshold) / (last - after))
         onsets = restarts[note.pitch]
         later = bisect.bisect_right(onsets, note.onset)  # the pitch's next onset, if any
-        if later < len(onsets):
-            offset = min(offset, onsets[later])
-        offset = round(offset - lead, OFFSET_DECIMALS)
+        restart = onsets[later] if later < len(onsets) else math.inf
+        offset = min(offset, restart)
+        peak = None if peaks is None else _offset_peak_near(peaks.get(note.pitch), offset, note.onset + step, restart, offset_reach)
+        offset = round(offset - lead if peak is None else min(peak, restart) - offset_lead, OFFSET_DECIMALS)
         ended.append(Note(note.onset, round(max(offset, note.onset + MIN_NOTE_SECONDS), 6), note.pitch, note.velocity))
     return ended
+
+
+def _offset_peaks(
+    offsets: Sequence[np.ndarray], times: np.ndarray, step: float, threshold: float
+) -> Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each pitch with offset peaks (`end_notes_on_sustain`): their column times, the times refined between
+    columns, and their probabilities, in time order. `times` are the times of the rows of all windows' `offsets`
+    together; the rows are cut into stretches where consecutive columns lie about one `step` apart, and the peaks of
+    each stretch are its own."""
+    table = np.concatenate([np.asarray(window, dtype=np.float32) for window in offsets])
+    if len(table) != len(times):
+        raise ValueError(f"offsets hold {len(table)} columns, but the sounding probabilities {len(times)}: align them.")
+    seams = np.flatnonzero(np.diff(times) > 1.5 * step) + 1
+    found: Dict[int, list] = {}
+    for begin, end in zip([0, *seams], [*seams, len(table)]):
+        stretch = table[begin:end]
+        for row, pitch in zip(*_peak_cells(stretch, threshold)):
+            peak = float(stretch[row, pitch])
+            shift = 0.0
+            if 0 < row < len(stretch) - 1:  # the vertex of the parabola through the peak and its neighbours
+                before, after = float(stretch[row - 1, pitch]), float(stretch[row + 1, pitch])
+                shift = float(np.clip(0.5 * (before - after) / (before - 2 * peak + after), -0.5, 0.5))
+            time = float(times[begin + row])
+            found.setdefault(int(pitch), []).append((time, time + shift * step, peak))
+    return {pitch: tuple(np.array(column) for column in zip(*sorted(rows))) for pitch, rows in found.items()}
+
+
+def _offset_peak_near(
+    peaks: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]], end: float, earliest: float, latest: float, reach: float
+) -> Optional[float]:
+    """The refined time of the most probable of a pitch's offset peaks (`_offset_peaks`) whose column lies within
+    `reach` seconds of `end` and in [`earliest`, `latest`]; None when there is none."""
+    if peaks is None:
+        return None
+    columns, refined, probabilities = peaks
+    eligible = (np.abs(columns - end) <= reach) & (columns >= earliest) & (columns <= latest)
+    if not eligible.any():
+        return None
+    return float(refined[eligible][np.argmax(probabilities[eligible])])
 
 
 def window_ownership(window_starts: Sequence[float], overlap: float) -> List[Tuple[float, float]]:
@@ -413,7 +483,8 @@ def decode_owned_notes(
 class FrameEvidence:
     """What the frame head says about a piece, gathered window by window in compact form (its onset peaks with their
     probabilities, and the sounding probabilities in float16: about 16 kB per window instead of the 62 kB of all its
-    probabilities), to place the decoded notes on it once the piece is decoded (`place`).
+    probabilities; with a head that predicts offsets, their probabilities too, in float16 as `offsets`), to place the
+    decoded notes on it once the piece is decoded (`place`).
 
     Of windows that overlap by `overlap` seconds, each keeps only the columns of the stretch it owns
     (`window_ownership`), and the onset peaks are found along the columns kept from all windows, in time order.
@@ -432,6 +503,7 @@ class FrameEvidence:
         self.overlap = float(overlap)
         self.peaks: Dict[int, List[Tuple[float, float, bool]]] = {}  # (time, probability, heard starting)
         self.sounding: List[np.ndarray] = []
+        self.offsets: List[np.ndarray] = []  # rows as `sounding`'s, from a head with offsets (else empty)
         self.window_starts: List[float] = []
         self.first_columns: List[int] = []
         self._onsets: Optional[np.ndarray] = None  # the last window's onset probabilities, until the next comes
@@ -439,9 +511,22 @@ class FrameEvidence:
         self._before: Optional[np.ndarray] = None  # the last column kept of the window before it
 
     def add(self, frame_probabilities: np.ndarray, window_start: float):
-        """Take one window's (columns, 256) `model.frame_probabilities`, starting at `window_start` seconds (windows
-        in order)."""
+        """Take one window's (columns, 256) `model.frame_probabilities`, or (columns, 384) from a head with offsets,
+        starting at `window_start` seconds (windows in order, all of one width).
+
+        Raises:
+            ValueError: the probabilities have another width than 256 or 384, or than the windows before.
+        """
         probabilities = np.asarray(frame_probabilities, dtype=np.float32)
+        width = probabilities.shape[-1]
+        if width not in (2 * FRAME_PITCHES, 3 * FRAME_PITCHES):
+            raise ValueError(
+                f"frame probabilities must have {2 * FRAME_PITCHES} (onsets, sounding) or {3 * FRAME_PITCHES} (and "
+                f"offsets) per column, got {width}."
+            )
+        with_offsets = width == 3 * FRAME_PITCHES
+        if self.window_starts and with_offsets != bool(self.offsets):
+            raise ValueError(f"frame probabilities of {width} per column after windows of another width.")
         window_start = float(window_start)
         begin = 0
         if self.window_starts:  # this window owns from half the overlap on, the one before up to there
@@ -449,8 +534,10 @@ class FrameEvidence:
             begin = max(0, math.ceil(round((self.overlap / 2 - first) / step, 6)))
             self._close_last(_owned_from(window_start, self.overlap), probabilities[begin : begin + 1, :FRAME_PITCHES])
         self._onsets = probabilities[begin:, :FRAME_PITCHES].copy()
-        self._sounds = probabilities[:, FRAME_PITCHES:].copy()
-        self.sounding.append(probabilities[begin:, FRAME_PITCHES:].astype(np.float16))
+        self._sounds = probabilities[:, FRAME_PITCHES : 2 * FRAME_PITCHES].copy()
+        self.sounding.append(probabilities[begin:, FRAME_PITCHES : 2 * FRAME_PITCHES].astype(np.float16))
+        if with_offsets:
+            self.offsets.append(probabilities[begin:, 2 * FRAME_PITCHES :].astype(np.float16))
         self.window_starts.append(window_start)
         self.first_columns.append(begin)
 
@@ -464,6 +551,8 @@ class FrameEvidence:
             kept = int(np.searchsorted(times, end, side="left"))
             onsets, times = onsets[:kept], times[:kept]
             self.sounding[-1] = self.sounding[-1][:kept]
+            if self.offsets:
+                self.offsets[-1] = self.offsets[-1][:kept]
         before = self._before if self.overlap else None
         following = following if self.overlap else None
         table = np.concatenate([rows for rows in (before, onsets, following) if rows is not None])
@@ -483,8 +572,9 @@ class FrameEvidence:
     def place(self, notes: Iterable[Note], added_onset_threshold: Optional[float] = ADDED_ONSET_THRESHOLD) -> List[Note]:
         """`notes` with onsets on the onset peaks (`place_notes_on_onsets`, which drops the notes the head does not
         support), the peaks that no note took added as notes when they reach `added_onset_threshold` or are heard
-        starting (`add_missed_onsets`; None: none added), and offsets where their pitch stops sounding
-        (`end_notes_on_sustain`). Call it once all windows are added."""
+        starting (`add_missed_onsets`; None: none added), and offsets where their pitch stops sounding, or on the
+        offset peaks near there of a head that predicts them (`end_notes_on_sustain`). Call it once all windows are
+        added."""
         if self._onsets is not None:
             self._close_last(None, None)
         notes = list(notes)
@@ -495,7 +585,9 @@ class FrameEvidence:
         placed = place_notes_on_onsets(notes, {pitch: times for pitch, (times, _, _) in peaks.items()})
         if added_onset_threshold is not None:
             placed = add_missed_onsets(placed, peaks, notes, added_onset_threshold)
-        return end_notes_on_sustain(placed, self.sounding, self.window_starts, self.frame_grid, self.first_columns)
+        return end_notes_on_sustain(
+            placed, self.sounding, self.window_starts, self.frame_grid, self.first_columns, offsets=self.offsets or None
+        )
 
 
 def refine_notes_with_frames(
@@ -509,7 +601,8 @@ def refine_notes_with_frames(
     """Decoded notes placed on the frame head's predictions: onsets on its onset peaks (`place_notes_on_onsets`, which
     also drops the notes it does not support), the onsets that the decoder missed and the head is sure of (from
     `added_onset_threshold`) or hears starting its pitch sounding added (`add_missed_onsets`; None adds none), offsets
-    where each pitch stops sounding (`end_notes_on_sustain`).
+    where each pitch stops sounding, or on the offset peaks near there of a head that predicts them
+    (`end_notes_on_sustain`).
 
     The decoder chooses most of the notes, with their velocities; its times are tens of milliseconds off, it writes
     surplus notes, and it misses notes in dense passages. The encoder's frame head, trained by the frame loss, places
@@ -517,7 +610,8 @@ def refine_notes_with_frames(
 
     Args:
         frame_probabilities: per window, the (columns, 256) array of `model.frame_probabilities`: onset
-            probabilities of the 128 MIDI pitches, then sounding probabilities.
+            probabilities of the 128 MIDI pitches, then sounding probabilities; (columns, 384) from a head with
+            offsets (`config.frame_offsets`), then offset probabilities.
         window_overlap: seconds by which the windows overlap; each is trusted with the frames of the stretch it
             owns (`FrameEvidence`). The notes of overlapping windows come from `decode_owned_notes`.
     """
@@ -564,7 +658,7 @@ def generate_with_frames(
     model, input_values: torch.Tensor, frames: bool, **generate_kwargs
 ) -> Tuple[torch.LongTensor, Optional[torch.Tensor]]:
     """`model.generate()` on a batch of windows (`generate_from_encoder_outputs`), and with `frames` also the frame
-    head's (batch, columns, 256) probabilities (`model.frame_probabilities`): the encoder runs once
+    head's (batch, columns, 256 or 384) probabilities (`model.frame_probabilities`): the encoder runs once
     (`encode_windows`), for both. A model without `get_encoder` gets `generate(input_values=...)`."""
     if not hasattr(model, "get_encoder"):
         if frames:
@@ -794,7 +888,8 @@ class Sound2SheetProcessor(ProcessorMixin):
         float_outputs: bool = False,
     ) -> Iterator[Tuple[torch.Tensor, Optional[np.ndarray]]]:
         """Batches of up to `batch_size` windows ready to decode: (their encoder outputs, or their `input_values` for
-        a model without `get_encoder`; with `return_frames`, the frame head's (windows, columns, 256) probabilities).
+        a model without `get_encoder`; with `return_frames`, the frame head's (windows, columns, 256 or 384)
+        probabilities).
 
         Each batch is read, featurised and encoded `ENCODER_BATCH_SIZE` windows at a time, so of its audio, spectra
         and encoder activations only one chunk's are held; the encoder outputs of the whole batch are small. What the
@@ -842,7 +937,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         """Token ids (decoder start removed) for each window, generated `batch_size` windows at a time (greedy search:
         a pool of `batch_size` windows with continuous batching, each window's ids up to its EOS; `bf16`,
         `encode_ahead` and `grammar`: see `transcribe`). With `return_frames`, (token ids, the frame head's
-        (columns, 256) probabilities, `model.frame_probabilities`) for each window."""
+        (columns, 256 or 384) probabilities, `model.frame_probabilities`) for each window."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         generate_kwargs = with_note_grammar(generate_kwargs, self.tokenizer)
@@ -1001,6 +1096,9 @@ __all__ = [
     "resolve_window_overlap",
     "WINDOW_OVERLAP",
     "OFFSET_LEAD",
+    "OFFSET_PEAK_THRESHOLD",
+    "OFFSET_REACH",
+    "OFFSET_PEAK_LEAD",
     "SUSTAIN_GAP",
     "GENERATION_STRATEGIES",
 ]

@@ -249,6 +249,27 @@ def test_frame_labels_mark_onsets_at_the_nearest_column_and_sounding_notes_at_ce
     assert labels.sum() == 4 + 13 + 1 + 2  # pitch 50 sounds at no centre: the last one (2.475 s) is before 2.55 s
 
 
+def test_frame_labels_with_offsets_mark_each_offset_at_the_nearest_column_of_its_window():
+    grid = (0.075, 0.04, 61)  # the window at 0.5 s ends with its last patch at 2.56 s (3.06 s in the piece)
+    notes = [
+        Note(1.00, 1.50, 60, 90),  # ends 1.00 s into the window: (1.00 - 0.075) / 0.04 = 23.1 -> column 23
+        Note(0.40, 0.60, 64, 80),  # starts before the window, ends 0.1 s into it: 0.6 -> column 1
+        Note(0.51, 0.52, 67, 80),  # ends at 0.02 s, before the first centre: column 0
+        Note(0.30, 0.50, 62, 80),  # ends at the window's start: the window before's
+        Note(2.00, 3.04, 65, 80),  # ends at 2.54 s, inside the last patch: the last column, 60
+        Note(3.00, 3.06, 50, 80),  # ends at 2.56 s: the next window's
+        Note(2.90, 3.20, 48, 80),  # ends after the window
+    ]
+    labels = frame_labels(notes, 0.5, grid, offsets=True)
+    assert labels.shape == (61, 384) and labels.dtype == np.float32
+    assert sorted(zip(*np.nonzero(labels[:, 256:]))) == [(0, 67), (1, 64), (23, 60), (60, 65)]
+    # onsets and sounding as without offsets, which stay as they were
+    without = frame_labels(notes, 0.5, grid)
+    assert without.shape == (61, 256) and without.tobytes() == np.ascontiguousarray(labels[:, :256]).tobytes()
+    assert frame_labels(notes, 0.5, grid, offsets=False).tobytes() == without.tobytes()
+    assert labels.sum() == without.sum() + 4
+
+
 def test_windows_carry_frame_labels_when_given_a_grid_and_the_collator_stacks_them(dataset, tmp_path):
     grid = (0.075, 0.04, 61)
     windows = WindowDataset(pieces(dataset, tmp_path), EXTRACTOR, TOKENIZER, train=False, frame_grid=grid)
@@ -260,6 +281,11 @@ def test_windows_carry_frame_labels_when_given_a_grid_and_the_collator_stacks_th
     assert torch.equal(batch["frame_labels"][1], windows[1]["frame_labels"])
     with pytest.raises(ValueError, match="some examples have frame_labels and some do not"):
         Sound2SheetDataCollator()([windows[0], {"input_values": windows[1]["input_values"], "labels": windows[1]["labels"]}])
+    with_offsets = WindowDataset(pieces(dataset, tmp_path), EXTRACTOR, TOKENIZER, train=False, frame_grid=grid, frame_offsets=True)
+    assert np.array_equal(with_offsets[1]["frame_labels"].numpy(), frame_labels(notes, 2.56, grid, offsets=True))
+    assert with_offsets[1]["frame_labels"].shape == (61, 384) and with_offsets[1]["frame_labels"][:, 256:].sum() > 0
+    with pytest.raises(ValueError, match="frame_offsets mark offsets in the frame labels: they need a frame_grid"):
+        WindowDataset(pieces(dataset, tmp_path), EXTRACTOR, TOKENIZER, train=False, frame_offsets=True)
 
 
 def test_augmentation_changes_audio_but_not_labels_and_is_seeded(dataset, tmp_path):

@@ -180,6 +180,63 @@ def test_a_frame_head_added_to_a_checkpoint_is_new_and_the_rest_is_kept(tester, 
     assert torch.equal(loaded.generate(inputs, max_new_tokens=8), model.generate(inputs, max_new_tokens=8))
 
 
+def test_frame_offsets_give_the_head_a_third_set_of_outputs(tester):
+    assert tester.get_config().frame_offsets is False
+    assert tester.get_model(frame_loss_weight=1.0).frame_head.out_features == 256
+    model = tester.get_model(frame_loss_weight=2.5, frame_offsets=True)
+    rows, columns = model.config.encoder_grid
+    assert (model.frame_head.out_features, model.frame_head.in_features) == (384, rows * model.config.hidden_size)
+    inputs, labels = tester.get_inputs(), tester.get_labels()
+    hidden = model.get_encoder()(inputs).last_hidden_state
+    assert model.frame_logits(hidden).shape == model.frame_probabilities(hidden).shape == (2, columns, 384)
+    # the frame loss takes 384-wide labels, and tells the shape it needs
+    frame_labels = (torch.rand(2, columns, 384, generator=torch.Generator().manual_seed(3)) < 0.1).float()
+    token_loss = model(inputs, labels=labels).loss
+    expected = token_loss + 2.5 * torch.nn.functional.binary_cross_entropy_with_logits(model.frame_logits(hidden), frame_labels)
+    assert torch.allclose(model(inputs, labels=labels, frame_labels=frame_labels).loss, expected, atol=1e-6)
+    with pytest.raises(ValueError, match=rf"frame_labels must have shape \(2, {columns}, 384\), got \(2, {columns}, 256\)"):
+        model(inputs, labels=labels, frame_labels=frame_labels[..., :256])
+    with pytest.raises(ValueError, match="frame_offsets are outputs of the frame head: set frame_loss_weight > 0"):
+        tester.get_config(frame_offsets=True)
+
+
+def test_a_config_saved_before_frame_offsets_loads_without_them(tester, tmp_path):
+    tester.get_config(frame_loss_weight=1.0).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.pop("frame_offsets", None)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert Sound2SheetConfig.from_pretrained(tmp_path).frame_offsets is False
+
+
+def test_add_frame_offsets_keeps_the_onset_and_sounding_outputs_and_round_trips(tester, tmp_path):
+    model = tester.get_model(frame_loss_weight=1.0)
+    hidden = model.get_encoder()(tester.get_inputs()).last_hidden_state
+    before = model.frame_probabilities(hidden)
+    old_weight, old_bias = model.frame_head.weight.detach().clone(), model.frame_head.bias.detach().clone()
+    model.add_frame_offsets()
+    assert model.config.frame_offsets is True and model.frame_head.out_features == 384
+    assert torch.equal(model.frame_head.weight[:256], old_weight) and torch.equal(model.frame_head.bias[:256], old_bias)
+    after = model.frame_probabilities(hidden)
+    assert after.shape == (*before.shape[:2], 384) and torch.equal(after[..., :256], before)
+    # the offset rows start with zero weights and the onset rows' biases: a constant, each pitch's onset rate
+    assert torch.equal(model.frame_head.weight[256:], torch.zeros(128, old_weight.shape[1]))
+    assert torch.equal(model.frame_head.bias[256:], old_bias[:128])
+    assert torch.equal(after[..., 256:], torch.sigmoid(old_bias[:128]).expand(*before.shape[:2], 128))
+    assert model.frame_head.weight.requires_grad
+    head = model.frame_head
+    model.add_frame_offsets()  # already there: nothing changes
+    assert model.frame_head is head
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["frame_offsets"] is True
+    assert load_file(tmp_path / "model.safetensors")["frame_head.weight"].shape == (384, head.in_features)
+    loaded = Sound2SheetForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.frame_offsets and loaded.frame_head.out_features == 384
+    assert_same_tensors(model.state_dict(), loaded.state_dict())
+    assert torch.equal(loaded.frame_probabilities(hidden), after)
+    with pytest.raises(ValueError, match="no frame head to add offsets to: build it with frame_loss_weight > 0"):
+        tester.get_model().add_frame_offsets()
+
+
 def test_column_memory_is_one_projected_token_per_time_column(tester):
     model = tester.get_model(encoder_memory="columns")
     rows, columns = model.config.encoder_grid

@@ -530,6 +530,88 @@ def test_end_notes_on_sustain_ends_where_the_pitch_stops_sounding():  # (soundin
     assert end_notes_on_sustain(notes[:1], [first, second], [0.0, 0.26], grid, gap=0.0, lead=0.0) == [Note(0.075, 0.18, 60, 80)]
 
 
+def test_end_notes_on_sustain_ends_notes_on_offset_peaks_near_where_they_stop_sounding():
+    grid = (0.075, 0.04, 20)  # column centres 0.075 + 0.04 k s
+    sounding = np.full((20, 128), 0.1, dtype=np.float32)
+    offsets = np.zeros((20, 128), dtype=np.float32)
+    for pitch in (60, 62, 64, 69):
+        sounding[:6, pitch] = 0.7  # heard in columns 0-5 (0.075 ... 0.275 s): stops halfway to column 6, at 0.295 s
+    offsets[6:9, 60] = [0.375, 0.75, 0.625]  # a peak at 0.355 s; the parabola through it peaks a quarter column later
+    offsets[13, 62] = 0.9  # a peak at 0.595 s, 0.3 s from where the pitch stops sounding
+    offsets[7, 64] = 0.15  # a peak under the threshold
+    offsets[[4, 9], 69] = [0.5, 0.875]  # two peaks in reach, at 0.235 and 0.435 s
+    sounding[:9, 65] = 0.7  # heard up to column 8 (0.395 s), but the pitch starts again at 0.3 s
+    offsets[6:9, 65] = [0.375, 0.75, 0.625]  # a peak past that next onset: the next note's
+    sounding[4:7, 67] = 0.7  # heard in columns 4-6: stops at 0.335 s
+    offsets[3, 67] = 0.9  # a peak at 0.195 s, before one column after the note's onset at 0.2 s
+    notes = [Note(0.03, 0.1, pitch, 80) for pitch in (60, 62, 64, 65, 69)] + [Note(0.3, 0.4, 65, 70), Note(0.2, 0.3, 67, 60)]
+    ended = lambda **options: end_notes_on_sustain(notes, [sounding], [0.0], grid, gap=0.0, **options)  # noqa: E731
+    # without offsets: OFFSET_LEAD (0.03 s) before the pitch stops sounding, or before it starts again
+    assert ended() == [
+        Note(0.03, 0.265, 60, 80), Note(0.03, 0.265, 62, 80), Note(0.03, 0.265, 64, 80), Note(0.03, 0.27, 65, 80),
+        Note(0.03, 0.265, 69, 80), Note(0.2, 0.305, 67, 60), Note(0.3, 0.385, 65, 70),
+    ]
+    assert ended(offsets=[np.zeros_like(offsets)]) == ended()  # no peaks: as without offsets
+    assert ended(offsets=[offsets]) == [
+        Note(0.03, 0.365, 60, 80),  # on the vertex: 0.355 + 0.25 x 0.04 s, without a lead
+        Note(0.03, 0.265, 62, 80),  # the peak is out of reach
+        Note(0.03, 0.265, 64, 80),  # the peak is too weak
+        Note(0.03, 0.27, 65, 80),  # the peak lies past the pitch's next onset
+        Note(0.03, 0.435, 69, 80),  # the more probable peak
+        Note(0.2, 0.305, 67, 60),  # the peak lies too early
+        Note(0.3, 0.365, 65, 70),  # the peak after its onset is its own
+    ]
+    assert ended(offsets=[offsets.astype(np.float16)]) == ended(offsets=[offsets])  # as FrameEvidence keeps them
+    widened = ended(offsets=[offsets], offset_reach=0.35, offset_threshold=0.1, offset_lead=0.01)
+    assert [note.offset for note in widened] == [0.355, 0.585, 0.345, 0.27, 0.425, 0.305, 0.355]
+    # windows cut end to end (centres 0.075 ... 0.235 s, then 0.335 ... 0.495 s): a peak at the last column of the
+    # first window is not interpolated towards the next window's first column, 0.1 s later
+    first, second = np.zeros((5, 128), dtype=np.float32), np.zeros((5, 128), dtype=np.float32)
+    first[:, 70] = [0.7, 0.7, 0.7, 0.7, 0.1]  # stops at 0.215 s
+    first_offsets, second_offsets = np.zeros((5, 128), dtype=np.float32), np.zeros((5, 128), dtype=np.float32)
+    first_offsets[3:, 70], second_offsets[0, 70] = [0.375, 0.75], 0.625
+    two = end_notes_on_sustain([Note(0.03, 0.1, 70, 80)], [first, second], [0.0, 0.26], (0.075, 0.04, 5),
+                               offsets=[first_offsets, second_offsets])
+    assert two == [Note(0.03, 0.235, 70, 80)]
+    with pytest.raises(ValueError, match="offsets hold 5 columns, but the sounding probabilities 10: align them"):
+        end_notes_on_sustain([Note(0.03, 0.1, 70, 80)], [first, second], [0.0, 0.26], (0.075, 0.04, 5), offsets=[first_offsets])
+
+
+def test_frame_evidence_with_offsets_keeps_the_owned_columns_and_ends_notes_on_their_peaks():
+    # as in the test above without offsets: the first window owns 0.02 ... 0.30 s, the second from 0.34 s
+    grid = (0.02, 0.04, 10)
+    first, second = np.zeros((10, 384), dtype=np.float32), np.zeros((10, 384), dtype=np.float32)
+    first[:, 66] = [0.9, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # starts at 0.02 s
+    first[:, 128 + 66] = 0.9
+    second[:, 128 + 66] = [0.9, 0.9, 0.7, 0.1, 0, 0, 0, 0, 0, 0]  # stops sounding at 0.36 s
+    # peaks at 0.38 and 0.30 s in columns their windows do not own; the second window's own at 0.38 s
+    first[:, 256 + 66] = [0, 0, 0, 0, 0, 0, 0, 0, 0.5, 0.95]
+    second[:, 256 + 66] = [0.5, 0.95, 0.25, 0.75, 0.5, 0, 0, 0, 0, 0]
+    generator = np.random.default_rng(0)
+    first[:, 256:260], second[:, 256:260] = generator.random((10, 4)), generator.random((10, 4))
+    evidence = FrameEvidence(grid, overlap=0.16)
+    evidence.add(first, 0.0)
+    evidence.add(second, 0.24)
+    notes = evidence.place([Note(0.02, 0.1, 66, 50)], added_onset_threshold=None)
+    assert evidence.first_columns == [0, 2] and [rows.dtype for rows in evidence.offsets] == [np.float16] * 2
+    assert np.array_equal(evidence.offsets[0], first[:8, 256:].astype(np.float16))
+    assert np.array_equal(evidence.offsets[1], second[2:, 256:].astype(np.float16))
+    assert [rows.shape for rows in evidence.sounding] == [(8, 128), (8, 128)]
+    # on the owned peak's vertex: 0.38 + 0.04 x 0.5 x (0.25 - 0.5) / (0.25 - 1.5 + 0.5) = 0.38667 s
+    assert notes == [Note(0.02, 0.387, 66, 50)]
+    # the same windows without their offsets: OFFSET_LEAD (0.03 s) before the pitch stops sounding
+    plain = FrameEvidence(grid, overlap=0.16)
+    plain.add(first[:, :256], 0.0)
+    plain.add(second[:, :256], 0.24)
+    assert plain.place([Note(0.02, 0.1, 66, 50)], added_onset_threshold=None) == [Note(0.02, 0.33, 66, 50)]
+    assert plain.offsets == []
+    assert refine_notes_with_frames([Note(0.02, 0.1, 66, 50)], [first, second], [0.0, 0.24], grid, None, 0.16) == notes
+    with pytest.raises(ValueError, match="frame probabilities of 256 per column after windows of another width"):
+        evidence.add(second[:, :256], 0.48)
+    with pytest.raises(ValueError, match="must have 256 .* or 384 .* per column, got 200"):
+        FrameEvidence(grid).add(first[:, :200], 0.0)
+
+
 @pytest.fixture(scope="module")
 def frame_model_dir(tmp_path_factory):
     """A tiny random model with the frame head, which places the decoded notes."""
@@ -546,7 +628,7 @@ def rebuilt_refined_notes(model, processor, audio, overlap, **options):
         tokens = [row[1:] for row in model.generate(input_values=inputs, logits_processor=grammar, **options).tolist()]
         hidden = model.get_encoder()(inputs).last_hidden_state
         probabilities = model.frame_probabilities(hidden)
-    assert probabilities.shape == (len(windows), 61, 256) and probabilities.dtype == torch.float32
+    assert probabilities.shape == (len(windows), 61, model.frame_head.out_features) and probabilities.dtype == torch.float32
     assert torch.equal(probabilities, torch.sigmoid(model.frame_logits(hidden)))
     starts = [index * processor.window_hop(overlap) for index in range(len(windows))]  # as `transcribe`
     decoded = decode_owned_notes(processor.tokenizer, tokens, starts, 2.56, overlap)
@@ -573,6 +655,29 @@ def test_transcribe_places_the_decoded_notes_on_the_frame_head(frame_model_dir, 
     assert transcriber(str(audio), **options)["notes"] == expected
     assert transcriber(str(audio), window_overlap=0.0, **options)["notes"] == end_to_end
     assert transcriber(str(audio), batch_size=2, refine_notes=False, **options)["notes"] == unrefined
+
+
+@pytest.fixture(scope="module")
+def offsets_model_dir(tmp_path_factory):
+    """A tiny random model whose frame head also predicts offsets."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-offsets-model"), frame_loss_weight=1.0, frame_offsets=True)
+
+
+def test_transcribe_ends_notes_on_the_offset_outputs_of_the_frame_head(offsets_model_dir, audio_files):
+    model = Sound2SheetForConditionalGeneration.from_pretrained(offsets_model_dir).eval()
+    processor = Sound2SheetProcessor.from_pretrained(offsets_model_dir)
+    audio = audio_files["flac"]
+    expected, _ = rebuilt_refined_notes(model, processor, audio, WINDOW_OVERLAP, do_sample=False)  # 384 wide
+    assert expected
+    assert processor.transcribe(audio, model, bf16=False, do_sample=False) == expected
+    transcriber = pipeline("automatic-speech-recognition", model=str(offsets_model_dir))
+    assert transcriber(str(audio), do_sample=False)["notes"] == expected
+    # the same model without its offset outputs ends some notes elsewhere
+    with torch.no_grad():
+        model.frame_head.weight[256:] = 0.0
+        model.frame_head.bias[256:] = -20.0  # offset probabilities ~2e-9: no peaks
+    without, _ = rebuilt_refined_notes(model, processor, audio, WINDOW_OVERLAP, do_sample=False)
+    assert [note.onset for note in without] == [note.onset for note in expected] and without != expected
 
 
 def test_end_notes_on_sustain_sounds_through_short_silences():

@@ -111,6 +111,33 @@ def test_training_with_the_frame_loss_trains_and_saves_the_head_and_evaluates_to
     assert code == 0 and json.loads((again / "config.json").read_text())["frame_loss_weight"] == 0.5
 
 
+def test_training_continues_a_checkpoint_with_frame_offsets_added(run_transcription, dataset, tmp_path, capsys):
+    out = tmp_path / "frames"
+    assert train(run_transcription, dataset, out, "--max_steps", "1", "--frame_loss_weight", "1.0", "--save_strategy", "no") == 0
+    assert json.loads((out / "config.json").read_text()).get("frame_offsets", False) is False
+    assert load_file(out / "model.safetensors")["frame_head.weight"].shape == (256, 8 * 32)
+    # the onset and sounding outputs go on from the checkpoint; the offset outputs are new, and trained on 384-wide labels
+    again = tmp_path / "offsets"
+    code = train(run_transcription, dataset, again, "--model_name_or_path", str(out), "--max_steps", "2", "--frame_offsets",
+                 "--save_strategy", "no")
+    assert code == 0 and json.loads((again / "config.json").read_text())["frame_offsets"] is True
+    weights = load_file(again / "model.safetensors")
+    assert weights["frame_head.weight"].shape == (384, 8 * 32) and weights["frame_head.bias"].shape == (384,)
+    losses = [entry["loss"] for entry in json.loads((again / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
+    assert len(losses) == 2
+    capsys.readouterr()
+    # offsets need a frame head, and a checkpoint's cannot be taken away
+    assert train(run_transcription, dataset, tmp_path / "no-head", "--max_steps", "1", "--frame_offsets") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --frame_offsets: offsets are outputs of the frame head; add one with --frame_loss_weight > 0"
+    )
+    code = train(run_transcription, dataset, tmp_path / "fewer", "--model_name_or_path", str(again), "--max_steps", "1",
+                 "--frame_offsets", "false")
+    assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --frame_offsets false: the checkpoint's frame head predicts offsets; they cannot be taken away"
+    )
+
+
 def run_script(args, env_extra=None, **kwargs):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.Popen([sys.executable, str(REPO_ROOT / "run_transcription.py"), *args], env=env,

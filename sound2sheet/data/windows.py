@@ -85,8 +85,15 @@ def read_segment(path: str, start: float, samples: int, sampling_rate: int) -> n
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def frame_labels(notes: Sequence[Note], window_start: float, frame_grid: Tuple[float, float, int], num_pitches: int = 128) -> np.ndarray:
-    """(columns, 2 x num_pitches) float32 targets of the model's auxiliary frame head for one window.
+def frame_labels(
+    notes: Sequence[Note],
+    window_start: float,
+    frame_grid: Tuple[float, float, int],
+    num_pitches: int = 128,
+    offsets: bool = False,
+) -> np.ndarray:
+    """(columns, 2 x num_pitches) float32 targets of the model's auxiliary frame head for one window; (columns,
+    3 x num_pitches) with `offsets` (for a model with `config.frame_offsets`).
 
     `frame_grid` is (centre of the first column in seconds, seconds between columns, columns), as
     `Sound2SheetConfig.frame_grid` gives it. Column `c` (centred at `first + c x step` into the window) has 1 at
@@ -94,18 +101,27 @@ def frame_labels(notes: Sequence[Note], window_start: float, frame_grid: Tuple[f
     0, after the last to the last column), and 1 at `num_pitches + p` when such a note sounds at the centre. The
     columns cover the window up to the end of the last patch, `(columns - 1) x step + 2 x first + 10 ms` (a patch
     centred at `first` spans frames 0 to `2 x first / 10 ms`); onsets from there on belong to the next window.
+    With `offsets`, column `c` also has 1 at `2 x num_pitches + p` when a note of pitch `p` ends nearest to its
+    centre, placed as the onsets are: offsets before the first centre go to column 0, offsets from the end of the
+    last patch on belong to the next window, and offsets at or before the window's start to the window before.
     """
     first, step, columns = frame_grid
-    labels = np.zeros((columns, 2 * num_pitches), dtype=np.float32)
+    labels = np.zeros((columns, (3 if offsets else 2) * num_pitches), dtype=np.float32)
     window_end = (columns - 1) * step + 2 * first + 0.01
     centres = first + step * np.arange(columns)
+
+    def nearest_column(time: float) -> int:
+        return min(max(int(round((time - first) / step)), 0), columns - 1)
+
     for note in notes:
         onset, offset = note.onset - window_start, note.offset - window_start
         if offset <= 0 or onset >= window_end or not 0 <= note.pitch < num_pitches:
             continue
         if onset >= 0:
-            labels[min(max(int(round((onset - first) / step)), 0), columns - 1), note.pitch] = 1.0
+            labels[nearest_column(onset), note.pitch] = 1.0
         labels[(centres >= onset) & (centres < offset), num_pitches + note.pitch] = 1.0
+        if offsets and offset < window_end:
+            labels[nearest_column(offset), 2 * num_pitches + note.pitch] = 1.0
     return labels
 
 
@@ -143,6 +159,7 @@ class WindowDataset(torch.utils.data.Dataset):
         max_windows: keep only the first N examples (e.g. to bound validation time).
         frame_grid: (first column centre in seconds, seconds between columns, columns), e.g. `model.config.frame_grid`;
             when given, examples also carry `frame_labels` (see `frame_labels`) for the auxiliary frame loss.
+        frame_offsets: with `frame_grid`, the `frame_labels` also mark offsets (`model.config.frame_offsets`).
     """
 
     def __init__(
@@ -157,11 +174,14 @@ class WindowDataset(torch.utils.data.Dataset):
         max_target_length: int = 1024,
         max_windows: Optional[int] = None,
         frame_grid: Optional[Tuple[float, float, int]] = None,
+        frame_offsets: bool = False,
     ):
         if windows_per_piece < 1:
             raise ValueError(f"windows_per_piece must be at least 1, got {windows_per_piece}.")
         if max_target_length < 2:
             raise ValueError(f"max_target_length must be at least 2 (one event and EOS), got {max_target_length}.")
+        if frame_offsets and frame_grid is None:
+            raise ValueError("frame_offsets mark offsets in the frame labels: they need a frame_grid.")
         self.pieces = [Piece(str(path), float(duration), list(notes)) for path, duration, notes in pieces]
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
@@ -171,6 +191,7 @@ class WindowDataset(torch.utils.data.Dataset):
         self.augment = augment if train else None
         self.max_target_length = max_target_length
         self.frame_grid = tuple(frame_grid) if frame_grid is not None else None
+        self.frame_offsets = bool(frame_offsets)
         self.sampling_rate = int(feature_extractor.sampling_rate)
         self.window_seconds = float(feature_extractor.window_seconds)
         self.window_samples = int(round(self.window_seconds * self.sampling_rate))
@@ -224,7 +245,9 @@ class WindowDataset(torch.utils.data.Dataset):
         example = {"input_values": features["input_values"][0], "labels": self.labels_of(item)}
         if self.frame_grid is not None:
             piece, _ = self.index[item]
-            example["frame_labels"] = torch.from_numpy(frame_labels(self.pieces[piece].notes, self.window_start(item), self.frame_grid))
+            example["frame_labels"] = torch.from_numpy(
+                frame_labels(self.pieces[piece].notes, self.window_start(item), self.frame_grid, offsets=self.frame_offsets)
+            )
         return example
 
 
