@@ -617,10 +617,10 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
 
         The head grows from 256 to 384 outputs: the onset and sounding rows of its weight and bias are kept exactly,
         and `config.frame_offsets` becomes True, so the model saves and loads with the larger head. The 128 offset
-        rows start with zero weights and the onset rows' biases: each pitch's offset probability starts at the
-        constant its onsets are predicted at when nothing is heard (a rare event's rate), so the new outputs neither
-        send random gradients into the trained encoder nor add a large loss at the first steps, as random rows
-        predicting 0.5 everywhere would. (Loading the checkpoint with `frame_offsets=True` instead
+        rows start as copies of the onset rows: an offset, like an onset, is a rare event at one column, and the onset
+        rows predict one at the rate events occur. Rows started at random or at zero would predict about 0.5
+        everywhere (the head's biases are near 0; its weights make the events rare), and their loss, many times the
+        others', would drive the encoder for the first hundreds of steps. (Loading the checkpoint with `frame_offsets=True` instead
         would fail on the head's shape, or with `ignore_mismatched_sizes` start the whole head anew.) A model whose
         head already has offsets is left as it is.
 
@@ -638,7 +638,7 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         with torch.no_grad():
             head.weight[: old.out_features] = old.weight
             head.bias[: old.out_features] = old.bias
-            head.weight[old.out_features :] = 0.0
+            head.weight[old.out_features :] = old.weight[:FRAME_PITCHES]
             head.bias[old.out_features :] = old.bias[:FRAME_PITCHES]
         head.requires_grad_(old.weight.requires_grad)
         head.train(old.training)
