@@ -5,8 +5,9 @@
 
 Copies the inference files of RUN (a run's final model, or a checkpoint folder) into DEST (weights as safetensors,
 config, generation config, tokenizer and feature extractor), with the frame head that places the notes, and writes the
-model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the twelve-stage recipe
-(examples/train_piano_small.json, then _stage2.json to _stage12.json), the data, the parameter count, and the
+model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the fourteen-stage recipe
+(examples/train_piano_small.json, then _stage2.json to _stage14.json, stage 14 starting from the average of stage 13's
+last checkpoints, `AVERAGE_COMMANDS`), the data, the parameter count, and the
 test-split results that `benchmarks/quality.py --report quality.json` measured, in the card's `model-index`.
 """
 
@@ -21,7 +22,7 @@ from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcesso
 from sound2sheet.training import write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", *(f"_stage{n}" for n in range(2, 13))))
+RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", *(f"_stage{n}" for n in range(2, 15))))
 
 
 def corpus_command(out: str, hours: int, soundfonts: str, programs: str = "", synths: str = "", envelope_spread: int = 0) -> str:
@@ -41,18 +42,29 @@ CORPUS_V5_COMMAND = corpus_command("data/piano-synth-v5", 24, "FluidR3_GM,MuseSc
                                    "fluidsynth,timidity")
 CORPUS_V6_COMMAND = corpus_command("data/piano-synth-v6", 24, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank", "0,1,2,3",
                                    "fluidsynth,timidity", 1200)
+CORPUS_V7_COMMAND = corpus_command("data/piano-synth-v7", 24, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank", "0,1,2,3",
+                                   "fluidsynth,timidity", 2400)
+# Stages that start from the average of the previous stage's last checkpoints: the folder, and the command writing it.
+AVERAGE_COMMANDS = {
+    "runs/piano-small-stage13-average": (
+        "python run_transcription.py average --checkpoints runs/piano-small-stage13/checkpoint-2000 "
+        "runs/piano-small-stage13/checkpoint-2500 runs/piano-small-stage13/checkpoint-3000 "
+        "--output_dir runs/piano-small-stage13-average"
+    ),
+}
 MAX_WEIGHTS_MB = 40
 TRAINING_DATA = (
     "Piano audio rendered with FluidSynth (and from v5 also TiMidity++) by `python -m sound2sheet.data.synth` from "
     "MIDI: the music21 corpus without the pieces reserved for evaluation, plus procedural piano music (scales, "
-    "arpeggios, block chords, repeated notes, two hands, random polyphony), with pedal and tempo variation. Six "
+    "arpeggios, block chords, repeated notes, two hands, random polyphony), with pedal and tempo variation. Seven "
     "corpora, each containing the previous one's test pieces: `data/piano-synth` (3.4 hours of training audio; "
     "stages 1-7), `data/piano-synth-v2` (6.9 hours; stage 8), `data/piano-synth-v3` (13.7 hours, 863 training "
     "pieces; stage 9), `data/piano-synth-v4` (27.2 hours, 1724 training pieces; stage 10), `data/piano-synth-v5` "
     "(v4's performances, 903 of its 1724 training pieces and 40 of its 93 validation pieces rendered by TiMidity++ "
-    "instead, whose releases ring on for longer; stage 11) and `data/piano-synth-v6` (v5 with the other 821 training "
+    "instead, whose releases ring on for longer; stage 11), `data/piano-synth-v6` (v5 with the other 821 training "
     "and 53 validation pieces rendered by FluidSynth again with their volume envelope's decay and release times moved "
-    "by up to a factor of two, drawn per piece; stage 12). The training and validation pieces are played by "
+    "by up to a factor of two, drawn per piece; stage 12) and `data/piano-synth-v7` (the same pieces with those times "
+    "moved by up to a factor of four; stages 13 and 14). The training and validation pieces are played by "
     "FluidR3_GM, MuseScore_General and (from v2) Csound's sf_GMbank, in v4 with one of the first four General MIDI "
     "pianos each (acoustic grand, bright, electric grand, honky-tonk); TimGM6mb is kept out of training and plays "
     "every test piece on the acoustic grand, so the results below are on an unseen piano timbre as well as unseen "
@@ -138,9 +150,18 @@ def main(argv=None):
         "13. Stage 12, the same schedule, with the pieces that FluidSynth renders given other decay and release times: "
         f"render `{CORPUS_V6_COMMAND}` (the pieces rendered by TiMidity++, and the whole test split, are v5's: copying "
         "v5's folder first renders only the others), then "
-        "`python run_transcription.py train examples/train_piano_small_stage12.json`; the model is its best checkpoint by "
-        "validation loss, `checkpoint-2500`, which the run's folder holds at the end (the last, `checkpoint-3000`, is a "
-        "hair behind: 1.478 against 1.476).\n\n"
+        "`python run_transcription.py train examples/train_piano_small_stage12.json`; stage 13 starts from its best "
+        "checkpoint by validation loss, `checkpoint-2500`, which the run's folder holds at the end (the last, "
+        "`checkpoint-3000`, is a hair behind: 1.478 against 1.476).\n"
+        "14. Stage 13, the same schedule, with the FluidSynth pieces' decay and release times spread twice as far: "
+        f"render `{CORPUS_V7_COMMAND}` (copying v6's folder first renders only those pieces again), then "
+        "`python run_transcription.py train examples/train_piano_small_stage13.json`; its run keeps checkpoints "
+        "2000 (its best by validation loss, 1.483), 2500 and 3000.\n"
+        "15. The average of those three checkpoints, weight by weight: "
+        f"`{AVERAGE_COMMANDS['runs/piano-small-stage13-average']}`.\n"
+        "16. Stage 14, 2000 steps on a fresh schedule from that average, on the same corpus: "
+        "`python run_transcription.py train examples/train_piano_small_stage14.json`; the model is its last and best "
+        "checkpoint by validation loss, `checkpoint-2000` (1.478).\n\n"
         "At inference, the decoded notes are placed on the frame head's onsets and offsets, and the head's sure "
         "onsets that the decoder missed are added (`refine_notes`, on by default for this model).\n\n"
         + "".join(f"Stage {number}:\n\n```json\n{text}\n```\n\n" for number, text in enumerate(stages, start=1))

@@ -73,15 +73,22 @@ def test_packaging_refuses_a_model_without_the_frame_head(tmp_path):
 
 
 def test_the_recipe_stages_parse_and_each_starts_from_the_previous_stages_run(run_transcription):
-    recipes = load_script("package_model").RECIPES
+    package_model = load_script("package_model")
+    recipes = package_model.RECIPES
     assert set(recipes) == set((REPO_ROOT / "examples").glob("train_piano_small*.json"))  # none left out of the card
     previous_output = None
     for path in recipes:
         model_args, data_args, training_args = run_transcription.parse_training_arguments([str(path)], prog="train")
+        start = model_args.model_name_or_path
         if previous_output is None:
-            assert model_args.model_name_or_path is None, path.name  # stage 1 starts from scratch
+            assert start is None, path.name  # stage 1 starts from scratch
+        elif start in package_model.AVERAGE_COMMANDS:  # the average of the previous stage's checkpoints
+            command = package_model.AVERAGE_COMMANDS[start].split()
+            checkpoints = command[command.index("--checkpoints") + 1 : command.index("--output_dir")]
+            assert command[:3] == ["python", "run_transcription.py", "average"] and command[-1] == start, path.name
+            assert len(checkpoints) >= 2 and all(Path(c).parent == previous_output for c in checkpoints), path.name
         else:
-            assert Path(model_args.model_name_or_path).parent == previous_output, path.name
-            assert Path(model_args.model_name_or_path).name.startswith("checkpoint-"), path.name
+            assert Path(start).parent == previous_output, path.name
+            assert Path(start).name.startswith("checkpoint-"), path.name
         assert data_args.manifest_dir.startswith("data/piano-synth"), path.name
         previous_output = Path(training_args.output_dir)

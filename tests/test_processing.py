@@ -553,13 +553,13 @@ def test_end_notes_on_sustain_ends_notes_on_offset_peaks_near_where_they_stop_so
     ]
     assert ended(offsets=[np.zeros_like(offsets)]) == ended()  # no peaks: as without offsets
     assert ended(offsets=[offsets]) == [
-        Note(0.03, 0.365, 60, 80),  # on the vertex: 0.355 + 0.25 x 0.04 s, without a lead
+        Note(0.03, 0.345, 60, 80),  # OFFSET_PEAK_LEAD (0.02 s) before the vertex: 0.355 + 0.25 x 0.04 s
         Note(0.03, 0.265, 62, 80),  # the peak is out of reach
         Note(0.03, 0.265, 64, 80),  # the peak is too weak
         Note(0.03, 0.27, 65, 80),  # the peak lies past the pitch's next onset
-        Note(0.03, 0.435, 69, 80),  # the more probable peak
+        Note(0.03, 0.415, 69, 80),  # the more probable peak
         Note(0.2, 0.305, 67, 60),  # the peak lies too early
-        Note(0.3, 0.365, 65, 70),  # the peak after its onset is its own
+        Note(0.3, 0.345, 65, 70),  # the peak after its onset is its own
     ]
     assert ended(offsets=[offsets.astype(np.float16)]) == ended(offsets=[offsets])  # as FrameEvidence keeps them
     widened = ended(offsets=[offsets], offset_reach=0.35, offset_threshold=0.1, offset_lead=0.01)
@@ -572,7 +572,7 @@ def test_end_notes_on_sustain_ends_notes_on_offset_peaks_near_where_they_stop_so
     first_offsets[3:, 70], second_offsets[0, 70] = [0.375, 0.75], 0.625
     two = end_notes_on_sustain([Note(0.03, 0.1, 70, 80)], [first, second], [0.0, 0.26], (0.075, 0.04, 5),
                                offsets=[first_offsets, second_offsets])
-    assert two == [Note(0.03, 0.235, 70, 80)]
+    assert two == [Note(0.03, 0.215, 70, 80)]  # OFFSET_PEAK_LEAD (0.02 s) before that column, 0.235 s
     with pytest.raises(ValueError, match="offsets hold 5 columns, but the sounding probabilities 10: align them"):
         end_notes_on_sustain([Note(0.03, 0.1, 70, 80)], [first, second], [0.0, 0.26], (0.075, 0.04, 5), offsets=[first_offsets])
 
@@ -597,8 +597,8 @@ def test_frame_evidence_with_offsets_keeps_the_owned_columns_and_ends_notes_on_t
     assert np.array_equal(evidence.offsets[0], first[:8, 256:].astype(np.float16))
     assert np.array_equal(evidence.offsets[1], second[2:, 256:].astype(np.float16))
     assert [rows.shape for rows in evidence.sounding] == [(8, 128), (8, 128)]
-    # on the owned peak's vertex: 0.38 + 0.04 x 0.5 x (0.25 - 0.5) / (0.25 - 1.5 + 0.5) = 0.38667 s
-    assert notes == [Note(0.02, 0.387, 66, 50)]
+    # OFFSET_PEAK_LEAD (0.02 s) before the owned peak's vertex: 0.38 + 0.04 x 0.5 x (0.25 - 0.5) / (0.25 - 1.5 + 0.5) = 0.38667 s
+    assert notes == [Note(0.02, 0.367, 66, 50)]
     # the same windows without their offsets: OFFSET_LEAD (0.03 s) before the pitch stops sounding
     plain = FrameEvidence(grid, overlap=0.16)
     plain.add(first[:, :256], 0.0)
