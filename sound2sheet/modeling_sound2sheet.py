@@ -620,9 +620,9 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         rows start as copies of the onset rows: an offset, like an onset, is a rare event at one column, and the onset
         rows predict one at the rate events occur. Rows started at random or at zero would predict about 0.5
         everywhere (the head's biases are near 0; its weights make the events rare), and their loss, many times the
-        others', would drive the encoder for the first hundreds of steps. (Loading the checkpoint with `frame_offsets=True` instead
-        would fail on the head's shape, or with `ignore_mismatched_sizes` start the whole head anew.) A model whose
-        head already has offsets is left as it is.
+        others', would drive the encoder for the first hundreds of steps. (Loading the checkpoint with
+        `frame_offsets=True` instead would fail on the head's shape, or with `ignore_mismatched_sizes` start the whole
+        head anew.) A model whose head already has offsets is left as it is.
 
         Raises:
             ValueError: the model has no frame head (`frame_loss_weight` is 0).
