@@ -255,19 +255,24 @@ def test_frame_labels_with_offsets_mark_each_offset_at_the_nearest_column_of_its
         Note(1.00, 1.50, 60, 90),  # ends 1.00 s into the window: (1.00 - 0.075) / 0.04 = 23.1 -> column 23
         Note(0.40, 0.60, 64, 80),  # starts before the window, ends 0.1 s into it: 0.6 -> column 1
         Note(0.51, 0.52, 67, 80),  # ends at 0.02 s, before the first centre: column 0
-        Note(0.30, 0.50, 62, 80),  # ends at the window's start: the window before's
+        Note(0.30, 0.50, 62, 80),  # ends at the window's start: column 0, as an onset there would be
         Note(2.00, 3.04, 65, 80),  # ends at 2.54 s, inside the last patch: the last column, 60
         Note(3.00, 3.06, 50, 80),  # ends at 2.56 s: the next window's
         Note(2.90, 3.20, 48, 80),  # ends after the window
     ]
     labels = frame_labels(notes, 0.5, grid, offsets=True)
     assert labels.shape == (61, 384) and labels.dtype == np.float32
-    assert sorted(zip(*np.nonzero(labels[:, 256:]))) == [(0, 67), (1, 64), (23, 60), (60, 65)]
+    assert sorted(zip(*np.nonzero(labels[:, 256:]))) == [(0, 62), (0, 67), (1, 64), (23, 60), (60, 65)]
     # onsets and sounding as without offsets, which stay as they were
     without = frame_labels(notes, 0.5, grid)
     assert without.shape == (61, 256) and without.tobytes() == np.ascontiguousarray(labels[:, :256]).tobytes()
     assert frame_labels(notes, 0.5, grid, offsets=False).tobytes() == without.tobytes()
-    assert labels.sum() == without.sum() + 4
+    assert labels.sum() == without.sum() + 5
+    # windows cut end to end mark each offset once: the one at the seam (pitch 62) in the window after it only,
+    # the one at the window's end (pitch 50) in the next window's column 0
+    before, after = frame_labels(notes, 0.5 - 2.56, grid, offsets=True), frame_labels(notes, 0.5 + 2.56, grid, offsets=True)
+    assert before[:, 256 + 62].sum() == 0 and labels[:, 256 + 62].sum() == 1
+    assert labels[:, 256 + 50].sum() == 0 and np.nonzero(after[:, 256 + 50])[0].tolist() == [0]
 
 
 def test_windows_carry_frame_labels_when_given_a_grid_and_the_collator_stacks_them(dataset, tmp_path):

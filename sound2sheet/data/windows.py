@@ -102,8 +102,9 @@ def frame_labels(
     columns cover the window up to the end of the last patch, `(columns - 1) x step + 2 x first + 10 ms` (a patch
     centred at `first` spans frames 0 to `2 x first / 10 ms`); onsets from there on belong to the next window.
     With `offsets`, column `c` also has 1 at `2 x num_pitches + p` when a note of pitch `p` ends nearest to its
-    centre, placed as the onsets are: offsets before the first centre go to column 0, offsets from the end of the
-    last patch on belong to the next window, and offsets at or before the window's start to the window before.
+    centre, placed as the onsets are: offsets before the first centre go to column 0 (from the window's start on),
+    offsets from the end of the last patch on belong to the next window, and offsets before the window's start to the
+    window before.
     """
     first, step, columns = frame_grid
     labels = np.zeros((columns, (3 if offsets else 2) * num_pitches), dtype=np.float32)
@@ -115,7 +116,7 @@ def frame_labels(
 
     for note in notes:
         onset, offset = note.onset - window_start, note.offset - window_start
-        if offset <= 0 or onset >= window_end or not 0 <= note.pitch < num_pitches:
+        if offset < 0 or onset >= window_end or not 0 <= note.pitch < num_pitches:
             continue
         if onset >= 0:
             labels[nearest_column(onset), note.pitch] = 1.0
