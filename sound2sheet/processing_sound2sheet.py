@@ -58,6 +58,15 @@ ONSET_REACH = 0.25
 SUSTAIN_THRESHOLD = 0.4
 SUSTAIN_GAP = 0.24
 OFFSET_LEAD = 0.03
+# A note that has sounded for HELD_AFTER seconds sounds on while its pitch's probability stays at HELD_THRESHOLD or more
+# (`end_notes_on_sustain`): a long note dies away, under the pedal too, and the head grows unsure that it still sounds,
+# while the offset tolerance grows with the note (a fifth of its length). Chosen with the stage-14 model on the 93
+# validation pieces of the 24-hour corpus (`benchmarks/note_endings.py`, each piece decoded once and its notes placed
+# with every setting): onset+offset F1 0.689 with none, 0.696 with 0.2 from 1 s; 0.15-0.25 from 1-1.25 s within 0.001
+# of it, from 0.5, 0.75, 1.5 or 2 s lower (0.1 from 0.5 s: 0.662); a longer silence sounded through once held (0.32 s)
+# within 0.001, 0.8 s lower. The 3-hour corpus's 12 validation pieces as a check: 0.703 -> 0.717.
+HELD_THRESHOLD = 0.2
+HELD_AFTER = 1.0
 ADDED_ONSET_THRESHOLD = 0.6
 START_BEFORE = 0.5
 START_AFTER = 0.7
@@ -302,6 +311,8 @@ def end_notes_on_sustain(
     gap: float = SUSTAIN_GAP,
     lead: float = OFFSET_LEAD,
     threshold: float = SUSTAIN_THRESHOLD,
+    held_threshold: float = HELD_THRESHOLD,
+    held_after: float = HELD_AFTER,
     offsets: Optional[Sequence[np.ndarray]] = None,
     offset_threshold: float = OFFSET_PEAK_THRESHOLD,
     offset_reach: float = OFFSET_REACH,
@@ -309,13 +320,13 @@ def end_notes_on_sustain(
 ) -> List[Note]:
     """Notes whose offsets come from where the frame head hears their pitch, in onset order.
 
-    A pitch sounds in the columns where its sounding probability is at least `threshold`. From one column after its
-    onset, a note sounds while its pitch does, through silences of up to `gap` seconds after which the pitch sounds
-    again, up to where the probability falls through `threshold` after its last sounding column (interpolated
-    linearly between that column and the next); at the latest up to where its pitch starts again, and to the end of
-    the last window when the pitch sounds to the end. It ends `lead` seconds before that (one time step after its
-    onset at the earliest), to the millisecond. A note never heard ends halfway between the column after its onset and
-    the one before.
+    A pitch sounds in the columns where its sounding probability is at least `threshold`, or, from `held_after`
+    seconds after a note's onset, at least `held_threshold`. From one column after its onset, a note sounds while its
+    pitch does, through silences of up to `gap` seconds after which the pitch sounds again, up to where the
+    probability falls through the threshold of its last sounding column (interpolated linearly between that column
+    and the next); at the latest up to where its pitch starts again, and to the end of the last window when the pitch
+    sounds to the end. It ends `lead` seconds before that (one time step after its onset at the earliest), to the
+    millisecond. A note never heard ends halfway between the column after its onset and the one before.
 
     With `offsets` (a head that predicts them), a note whose pitch has an offset peak near that end (before the lead)
     ends on it instead: of the pitch's peaks (over `offset_threshold` and a maximum along time, of a plateau the last
@@ -336,6 +347,8 @@ def end_notes_on_sustain(
         gap: the longest silence, in seconds (rounded to whole columns), that a note sounds through.
         lead: seconds by which a note ends before the head stops hearing it (`OFFSET_LEAD`).
         threshold: the sounding probability from which a pitch sounds (`SUSTAIN_THRESHOLD`).
+        held_threshold, held_after: the sounding probability from which the pitch of a note that has sounded for
+            `held_after` seconds sounds (`HELD_THRESHOLD`, `HELD_AFTER`); at most `threshold`, which turns it off.
         offsets: per window, a (columns, pitches) array of the frame head's offset probabilities (the third 128 of
             `frame_probabilities`, from a model with `config.frame_offsets`; any float type), its rows the same
             columns as `sounding`'s; None: the notes end on the sounding probabilities alone.
@@ -343,7 +356,12 @@ def end_notes_on_sustain(
         offset_reach: the furthest, in seconds, that an offset peak may lie from where the sounding probabilities end
             the note (`OFFSET_REACH`).
         offset_lead: seconds by which a note ends before its offset peak (`OFFSET_PEAK_LEAD`).
+
+    Raises:
+        ValueError: `held_threshold` is over `threshold`.
     """
+    if held_threshold > threshold:
+        raise ValueError(f"held_threshold ({held_threshold}) must not be over threshold ({threshold}).")
     first, step, _ = frame_grid
     bridged = int(round(gap / step))
     notes = sort_notes(notes)
@@ -357,7 +375,6 @@ def end_notes_on_sustain(
         ]
     )
     probabilities = np.concatenate([np.asarray(window) for window in sounding])
-    heard = probabilities >= threshold
     peaks = None if offsets is None else _offset_peaks(offsets, times, step, offset_threshold)
     restarts: Dict[int, list] = {}
     for note in notes:  # in onset order, so each pitch's onsets come out sorted
@@ -365,7 +382,10 @@ def end_notes_on_sustain(
     ended = []
     for note in notes:
         begin = int(np.searchsorted(times, note.onset + step, side="left"))
-        column = heard[begin:, note.pitch]
+        long_from = int(np.searchsorted(times, note.onset + held_after, side="left"))  # its first column held that long
+        thresholds = np.full(len(times) - begin, threshold, dtype=probabilities.dtype)
+        thresholds[max(long_from - begin, 0) :] = held_threshold
+        column = probabilities[begin:, note.pitch] >= thresholds
         sounds = np.flatnonzero(column)
         breaks = np.flatnonzero(np.diff(sounds, prepend=-1) > bridged + 1)  # silences too long to sound through
         held = sounds[: breaks[0]] if len(breaks) else sounds
@@ -376,7 +396,8 @@ def end_notes_on_sustain(
             offset = float(times[begin] - step / 2)
         else:  # where the probability falls through the threshold, between the last sounding column and the next
             last, after = (float(probabilities[begin + column_index, note.pitch]) for column_index in (end - 1, end))
-            offset = float(times[begin + end - 1] + step * (last - threshold) / (last - after))
+            crossed = threshold if begin + end - 1 < long_from else held_threshold  # `after` is under it too
+            offset = float(times[begin + end - 1] + step * (last - crossed) / (last - after))
         onsets = restarts[note.pitch]
         later = bisect.bisect_right(onsets, note.onset)  # the pitch's next onset, if any
         restart = onsets[later] if later < len(onsets) else math.inf
@@ -572,11 +593,14 @@ class FrameEvidence:
             self._before = onsets[-1:]
         self._onsets = self._sounds = None
 
-    def place(self, notes: Iterable[Note], added_onset_threshold: Optional[float] = ADDED_ONSET_THRESHOLD) -> List[Note]:
+    def place(
+        self, notes: Iterable[Note], added_onset_threshold: Optional[float] = ADDED_ONSET_THRESHOLD, **ending: float
+    ) -> List[Note]:
         """`notes` with onsets on the onset peaks (`place_notes_on_onsets`, which drops the notes the head does not
         support), the peaks that no note took added as notes when they reach `added_onset_threshold` or are heard
         starting (`add_missed_onsets`; None: none added), and offsets where their pitch stops sounding, or on the
-        offset peaks near there of a head that predicts them (`end_notes_on_sustain`). Call it once all windows are
+        offset peaks near there of a head that predicts them (`end_notes_on_sustain`, given the settings in
+        `ending`: `gap`, `lead`, `threshold`, `held_threshold`, `held_after`, ...). Call it once all windows are
         added."""
         if self._onsets is not None:
             self._close_last(None, None)
@@ -589,7 +613,8 @@ class FrameEvidence:
         if added_onset_threshold is not None:
             placed = add_missed_onsets(placed, peaks, notes, added_onset_threshold)
         return end_notes_on_sustain(
-            placed, self.sounding, self.window_starts, self.frame_grid, self.first_columns, offsets=self.offsets or None
+            placed, self.sounding, self.window_starts, self.frame_grid, self.first_columns, offsets=self.offsets or None,
+            **ending,
         )
 
 

@@ -7,11 +7,13 @@ import shutil
 import pytest
 import soundfile
 
-from sound2sheet import read_midi
+from sound2sheet import Sound2SheetForConditionalGeneration, Sound2SheetProcessor, read_midi
+from sound2sheet.processing_sound2sheet import HELD_AFTER, HELD_THRESHOLD, SUSTAIN_THRESHOLD
 
 from .scripts import REPO_ROOT, load_script
 
 EXAMPLE = REPO_ROOT / "examples" / "example_piano.flac"
+MODEL = REPO_ROOT / "models" / "sound2sheet-piano-small"
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +35,16 @@ def test_quality_names_a_missing_recording_or_reference(quality, tmp_path):
     shutil.copy(EXAMPLE, lonely)
     with pytest.raises(SystemExit, match=r"--audio .*lonely\.flac: no reference MIDI file .*lonely\.mid beside it"):
         quality.recordings([str(lonely)])
+
+
+def test_note_endings_places_the_notes_as_transcribe_does_for_each_setting():
+    note_endings = load_script("note_endings", folder="benchmarks")
+    model = Sound2SheetForConditionalGeneration.from_pretrained(MODEL).eval()
+    processor = Sound2SheetProcessor.from_pretrained(MODEL)
+    library, unheld, early = (HELD_THRESHOLD, HELD_AFTER), (SUSTAIN_THRESHOLD, 0.0), (0.05, 0.2)
+    placed = note_endings.notes_per_setting(processor, model, str(EXAMPLE), [library, unheld, early], bf16=False)
+    assert placed[library] == processor.transcribe(str(EXAMPLE), model, bf16=False)
+    for other in (unheld, early):  # the same notes; holding lower and sooner only ever ends a note later
+        assert [(note.onset, note.pitch) for note in placed[other]] == [(note.onset, note.pitch) for note in placed[library]]
+    assert all(a.offset <= b.offset <= c.offset for a, b, c in zip(placed[unheld], placed[library], placed[early]))
+    assert sum(c.offset > b.offset for b, c in zip(placed[library], placed[early])) > 5

@@ -702,6 +702,34 @@ def test_end_notes_on_sustain_sounds_through_short_silences():
     assert end_notes_on_sustain(notes, [sounding], [0.0], grid, gap=0.0, lead=0.1)[2] == Note(0.03, 0.04, 64, 80)
 
 
+def test_end_notes_on_sustain_holds_long_notes_down_to_a_lower_threshold():
+    grid = (0.075, 0.04, 60)  # column k at 0.075 + 0.04 k s
+    sounding = np.full((60, 128), 0.1, dtype=np.float32)
+    sounding[:29, 60], sounding[29:39, 60] = 0.9, 0.3  # dies away to 0.3 at column 29 (1.235 s), silent from 39
+    sounding[:19, 62], sounding[19:39, 62] = 0.9, 0.3  # the same, from column 19 (0.835 s): before it is held 1 s
+    notes = [Note(0.03, 0.1, 60, 80), Note(0.03, 0.1, 62, 80)]
+    ended = lambda **options: end_notes_on_sustain(notes, [sounding], [0.0], grid, gap=0.0, lead=0.0, **options)  # noqa: E731
+    # held from 1.03 s on: 60 sounds on at 0.3 until 0.3 -> 0.1 falls through 0.2 halfway from 1.595 to 1.635 s; 62
+    # falls under 0.4 before then, 0.9 -> 0.3 through 0.4 five sixths of the way from 0.795 to 0.835 s
+    assert ended(held_threshold=0.2, held_after=1.0) == [Note(0.03, 1.615, 60, 80), Note(0.03, 0.828, 62, 80)]
+    assert ended() == ended(held_threshold=0.2, held_after=1.0)  # the defaults (HELD_THRESHOLD, HELD_AFTER)
+    # held only from 2 s, or with the threshold unchanged: both fall through 0.4 where they die away
+    unheld = [Note(0.03, 1.228, 60, 80), Note(0.03, 0.828, 62, 80)]
+    assert ended(held_threshold=0.2, held_after=2.0) == unheld == ended(held_threshold=0.4)
+    assert ended(held_threshold=0.2, held_after=0.5) == [Note(0.03, 1.615, 60, 80), Note(0.03, 1.615, 62, 80)]
+    with pytest.raises(ValueError, match=r"held_threshold \(0.5\) must not be over threshold \(0.4\)"):
+        ended(held_threshold=0.5)
+    # FrameEvidence.place passes the settings on: decoded notes on onset peaks at column 0 (0.075 s), held from 1.075 s
+    table = np.zeros((60, 256), dtype=np.float32)
+    table[0, [60, 62]], table[:, 128:] = 0.9, sounding
+    evidence = FrameEvidence(grid)
+    evidence.add(table, 0.0)
+    decoded = [Note(0.08, 0.5, 60, 80), Note(0.08, 0.5, 62, 70)]
+    assert evidence.place(decoded, gap=0.0, lead=0.0) == [Note(0.075, 1.615, 60, 80), Note(0.075, 0.828, 62, 70)]
+    unheld = [Note(0.075, 1.228, 60, 80), Note(0.075, 0.828, 62, 70)]
+    assert evidence.place(decoded, gap=0.0, lead=0.0, held_threshold=0.4) == unheld
+
+
 def test_window_ownership_gives_each_moment_to_the_window_it_lies_furthest_inside():
     assert window_ownership([0.0, 2.24, 4.48], 0.32) == [(-math.inf, 2.4), (2.4, 4.64), (4.64, math.inf)]
     assert window_ownership([0.0, 2.56], 0.0) == [(-math.inf, 2.56), (2.56, math.inf)]
