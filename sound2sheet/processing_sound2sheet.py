@@ -381,26 +381,28 @@ def end_notes_on_sustain(
         restarts.setdefault(note.pitch, []).append(note.onset)
     ended = []
     for note in notes:
-        begin = int(np.searchsorted(times, note.onset + step, side="left"))
-        long_from = int(np.searchsorted(times, note.onset + held_after, side="left"))  # its first column held that long
-        thresholds = np.full(len(times) - begin, threshold, dtype=probabilities.dtype)
-        thresholds[max(long_from - begin, 0) :] = held_threshold
-        column = probabilities[begin:, note.pitch] >= thresholds
-        sounds = np.flatnonzero(column)
-        breaks = np.flatnonzero(np.diff(sounds, prepend=-1) > bridged + 1)  # silences too long to sound through
-        held = sounds[: breaks[0]] if len(breaks) else sounds
-        end = int(held[-1]) + 1 if len(held) else 0  # the column after the note's last sounding one
-        if end == len(column):
-            offset = float(times[-1] + step / 2)
-        elif end == 0:
-            offset = float(times[begin] - step / 2)
-        else:  # where the probability falls through the threshold, between the last sounding column and the next
-            last, after = (float(probabilities[begin + column_index, note.pitch]) for column_index in (end - 1, end))
-            crossed = threshold if begin + end - 1 < long_from else held_threshold  # `after` is under it too
-            offset = float(times[begin + end - 1] + step * (last - crossed) / (last - after))
         onsets = restarts[note.pitch]
         later = bisect.bisect_right(onsets, note.onset)  # the pitch's next onset, if any
         restart = onsets[later] if later < len(onsets) else math.inf
+        begin = int(np.searchsorted(times, note.onset + step, side="left"))
+        # Past the column at or after the next onset, a column matters only as the end of a silence sounded through.
+        stop = len(times) if restart == math.inf else int(np.searchsorted(times, restart, side="left")) + bridged + 2
+        values = probabilities[begin:stop, note.pitch]
+        long_from = int(np.searchsorted(times, note.onset + held_after, side="left"))  # its first column held that long
+        thresholds = np.full(len(values), threshold, dtype=values.dtype)
+        thresholds[max(long_from - begin, 0) :] = held_threshold
+        sounds = np.flatnonzero(values >= thresholds)
+        breaks = np.flatnonzero(np.diff(sounds, prepend=-1) > bridged + 1)  # silences too long to sound through
+        held = sounds[: breaks[0]] if len(breaks) else sounds
+        end = int(held[-1]) + 1 if len(held) else 0  # the column after the note's last sounding one
+        if end == len(values):  # sounds to the last column looked at: half a column past it
+            offset = float(times[begin + end - 1] + step / 2)
+        elif end == 0:
+            offset = float(times[begin] - step / 2)
+        else:  # where the probability falls through the threshold, between the last sounding column and the next
+            last, after = float(values[end - 1]), float(values[end])
+            crossed = threshold if begin + end - 1 < long_from else held_threshold  # `after` is under it too
+            offset = float(times[begin + end - 1] + step * (last - crossed) / (last - after))
         offset = min(offset, restart)
         peak = None if peaks is None else _offset_peak_near(peaks.get(note.pitch), offset, note.onset + step, restart, offset_reach)
         offset = round(offset - lead if peak is None else min(peak, restart) - offset_lead, OFFSET_DECIMALS)
