@@ -703,7 +703,7 @@ def test_end_notes_on_sustain_sounds_through_short_silences():
 
 
 def test_end_notes_on_sustain_sounds_through_a_silence_that_spans_the_next_onset():
-    grid = (0.075, 0.04, 40)  # column k at 0.075 + 0.04 k s; the same pitch starts again at 0.2 s, in column 4's span
+    grid = (0.075, 0.04, 40)  # column k at 0.075 + 0.04 k s; each pitch starts again at 0.2 s, before column 4 (0.235 s)
     sounding = np.full((40, 128), 0.1, dtype=np.float32)
     sounding[[0, 1, 2, 7, 8], 60] = 0.7  # silent for 4 columns from 0.195 s, heard again at 0.355 s, after the restart
     sounding[[0, 1, 2, 8, 9], 62] = 0.7  # silent for 5 columns
@@ -711,8 +711,8 @@ def test_end_notes_on_sustain_sounds_through_a_silence_that_spans_the_next_onset
     ended = end_notes_on_sustain(notes, [sounding], [0.0], grid, gap=0.16, lead=0.0)
     # 60 sounds through its silence up to where it starts again; 62 ends where 0.7 -> 0.1 falls through 0.4, 0.175 s
     assert ended[:2] == [Note(0.03, 0.2, 60, 80), Note(0.03, 0.175, 62, 80)]
-    # the notes at 0.2 s look from column 5 (0.275 s) on: heard after a short silence, each ends halfway after its
-    # last sounding column, 0.395 and 0.435 s
+    # the notes at 0.2 s look from column 5 (0.275 s) on: heard after a short silence, each ends halfway from its last
+    # sounding column (0.395 and 0.435 s) to the next
     assert ended[2:] == [Note(0.2, 0.415, 60, 80), Note(0.2, 0.455, 62, 80)]
 
 
