@@ -8,7 +8,8 @@ The test split is any manifest dataset (`DATASET/test/manifest.json`); the proje
 
     python -m sound2sheet.data.synth --out data/piano-synth --hours 3 --exclude-soundfont TimGM6mb --seed 0 --soundfonts FluidR3_GM,MuseScore_General,TimGM6mb
 
-whose test pieces are unseen pieces played with the held-out soundfont (TimGM6mb), with pedal and tempo variation.
+whose test pieces are unseen pieces played with the held-out soundfont (TimGM6mb), with pedal and tempo variation
+(add `--splits test` to render only them).
 With `--unrefined`, the model is also scored on its decoder's own note times (`refine_notes=False`). `--audio` scores
 the given recordings instead of a split, each against the MIDI file beside it (same name, `.mid`), e.g. the bundled
 example: `--audio examples/example_piano.flac --bf16 off [--num-beams 4]`. `--window-overlap` sets how far the model's

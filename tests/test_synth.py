@@ -181,6 +181,30 @@ def test_rendering_is_deterministic_for_a_seed_and_writes_valid_manifests(tmp_pa
 
 
 @needs_fluidsynth
+def test_splits_renders_only_those_splits_of_the_same_plan_and_keeps_the_other_manifests(tmp_path, capsys):
+    font = next(iter(available_soundfonts()))
+    args = ["--hours", "0.005", "--sources", "procedural", "--soundfonts", font, "--max-piece-seconds", "4",
+            "--val-fraction", "0.3", "--test-fraction", "0.3", "--workers", "1", "--seed", "0"]  # 3 train, 2 val, 1 test
+    assert synth_main(["--out", str(tmp_path / "whole"), *args]) == 0
+    part = tmp_path / "part"
+    (part / "train").mkdir(parents=True)
+    (part / "train" / "manifest.json").write_text("[]  # written before")
+    assert synth_main(["--out", str(part), *args, "--splits", "test,val"]) == 0
+    assert "test:" in capsys.readouterr().out
+    assert (part / "train" / "manifest.json").read_text() == "[]  # written before"  # not rendered, not rewritten
+    assert not (part / "train" / "audio").exists()
+    whole = file_hashes(tmp_path / "whole")
+    rendered = file_hashes(part)
+    for split in ("val", "test"):  # the same pieces and bytes as in the whole corpus (manifests: absolute paths)
+        files = {name: digest for name, digest in rendered.items() if name.startswith(split + "/audio/")}
+        assert files and files == {name: digest for name, digest in whole.items() if name.startswith(split + "/audio/")}
+        assert [entry.id for entry in read_manifest(part / split / "manifest.json")] == [
+            entry.id for entry in read_manifest(tmp_path / "whole" / split / "manifest.json")]
+    assert synth_main(["--out", str(part), *args, "--splits", "test,eval"]) == 2
+    assert "--splits must be comma-separated names among train, val, test, got 'test,eval'" in capsys.readouterr().err
+
+
+@needs_fluidsynth
 @pytest.mark.skipif(len(available_soundfonts()) < 2, reason="needs two GM soundfonts (apt-get install fluid-soundfont-gm timgm6mb-soundfont)")
 def test_a_finished_piece_is_kept_only_while_the_plan_still_gives_it_its_soundfont(tmp_path):
     first, second = sorted(available_soundfonts())[:2]

@@ -18,7 +18,8 @@ releases ring on for longer after a key or the pedal lifts, so that the model le
 one kind of release; test pieces are always rendered by FluidSynth. `--envelope-spread 1200` moves the volume
 envelope's decay and release times of each train and val piece that FluidSynth renders by up to +-1200 timecents (a
 factor of two either way), drawn per piece and sent as SoundFont NRPNs at the start of its MIDI file: the same samples
-then die away at other rates, under a held key and after it lifts.
+then die away at other rates, under a held key and after it lifts. `--splits test` renders only the test pieces of
+the same plan (any of train, val, test), and leaves the other splits' manifests as they are.
 Rendering is deterministic for a seed, parallel over --workers processes, and resumable (finished pieces are kept,
 unless the plan now gives them another soundfont, program, synthesizer, envelope or seed).
 Needs the Debian packages fluidsynth and at least one soundfont package, and timidity for `--synths timidity` (see
@@ -515,8 +516,19 @@ def plan_jobs(
     return jobs
 
 
-def render_corpus(out_dir: str | os.PathLike, jobs: Sequence[RenderJob], workers: int = 1, progress: bool = True) -> Dict[str, List[dict]]:
-    """Render `jobs` (in parallel), write the three manifests, and return the entries by split."""
+def render_corpus(
+    out_dir: str | os.PathLike,
+    jobs: Sequence[RenderJob],
+    workers: int = 1,
+    progress: bool = True,
+    splits: Sequence[str] = SPLIT_NAMES,
+) -> Dict[str, List[dict]]:
+    """Render the `jobs` of `splits` (in parallel), write those splits' manifests, and return their entries by split.
+    The manifests of other splits, and every file already rendered, are left as they are."""
+    unknown = [split for split in splits if split not in SPLIT_NAMES]
+    if unknown:
+        raise ValueError(f"splits must be among {', '.join(SPLIT_NAMES)}, got {', '.join(unknown)}.")
+    jobs = [job for job in jobs if job.split in splits]
     fluidsynth_binary()
     fonts = require_soundfonts(sorted({job.soundfont for job in jobs}))
     if any(job.synth == "timidity" for job in jobs):
@@ -553,7 +565,7 @@ def render_corpus(out_dir: str | os.PathLike, jobs: Sequence[RenderJob], workers
                 failures.append(f"{job.reference}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}")
     for failure in failures:
         print(f"warning: skipped {failure}", file=sys.stderr)
-    by_split: Dict[str, List[dict]] = {split: [] for split in SPLIT_NAMES}
+    by_split: Dict[str, List[dict]] = {split: [] for split in SPLIT_NAMES if split in splits}
     for job in jobs:  # manifest order follows the plan, not completion order
         entry = results.get(job.piece_id)
         if entry is not None:
@@ -568,6 +580,15 @@ def render_corpus(out_dir: str | os.PathLike, jobs: Sequence[RenderJob], workers
         ]
         write_manifest(manifest_entries, path)
     return by_split
+
+
+def parse_splits(text: str) -> List[str]:
+    """`--splits` as split names (`val` for `validation`; a ValueError naming the flag otherwise)."""
+    splits = [{"val": "validation"}.get(item.strip(), item.strip()) for item in text.split(",") if item.strip()]
+    unknown = [split for split in splits if split not in SPLIT_NAMES]
+    if not splits or unknown:
+        raise ValueError(f"--splits must be comma-separated names among train, val, test, got {text!r}.")
+    return splits
 
 
 def parse_programs(text: str) -> List[int]:
@@ -598,11 +619,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--synths", default="fluidsynth",
                         help=f"comma-separated synthesizers for train and val pieces, among {', '.join(SYNTHS)} "
                              "(default: fluidsynth; test pieces always use it)")
+    parser.add_argument("--splits", default="train,val,test",
+                        help="comma-separated splits to render, of the same plan (default: all three); the manifests "
+                             "of the others are left as they are")
     parser.add_argument("--envelope-spread", type=float, default=0.0,
                         help="timecents (0-4800) within which the volume envelope's decay and release times of train and "
                              "val pieces rendered by FluidSynth are moved, per piece (default: 0, the soundfonts' own)")
     args = parser.parse_args(argv)
     try:
+        splits = parse_splits(args.splits)
         programs = parse_programs(args.programs)
         synths = [name.strip() for name in args.synths.split(",") if name.strip()]
         if "timidity" in synths:
@@ -615,7 +640,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.val_fraction, args.test_fraction, args.max_piece_seconds, args.procedural_fraction,
             args.pieces.split(",") if args.pieces else None, programs, synths, args.envelope_spread,
         )
-        by_split = render_corpus(args.out, jobs, workers=args.workers)
+        by_split = render_corpus(args.out, jobs, workers=args.workers, splits=splits)
     except (RendererSetupError, ReservedPieceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
