@@ -6,11 +6,11 @@
 
 A note that has sounded for `HELD_AFTER` seconds sounds on while the frame head's sounding probability of its pitch
 stays at `HELD_THRESHOLD` or more, instead of `SUSTAIN_THRESHOLD` (`end_notes_on_sustain`). Each piece of the split is
-transcribed once (greedy; the windows overlapping as `processor.transcribe` does; the frame head's probabilities kept)
-and its decoded notes are placed on the frame head once per setting, so the settings are compared on the same
-windows. The first row is the library without held notes (a held threshold equal to the sounding threshold); each
-other row is a held threshold and a time held. Prints the mean over pieces (as `quality.py`) of onset F1,
-onset+offset F1 and onset+offset+velocity F1, and each row's onset+offset F1 minus the first row's.
+decoded once as `processor.transcribe` decodes it (`processor.decode_notes`: greedy, the windows overlapping, the
+frame head's probabilities kept) and its decoded notes are placed on the frame head once per setting, so the settings
+are compared on the same windows. The first row is the library without held notes (a held threshold equal to the
+sounding threshold); each other row is a held threshold and a time held. Prints the mean over pieces (as `quality.py`)
+of onset F1, onset+offset F1 and onset+offset+velocity F1, and each row's onset+offset F1 minus the first row's.
 """
 
 from __future__ import annotations
@@ -28,15 +28,7 @@ from quality import BF16_CHOICES, pieces_of_split  # noqa: E402
 
 from sound2sheet import Note, Sound2SheetForConditionalGeneration, Sound2SheetProcessor  # noqa: E402
 from sound2sheet.metrics import mean_metrics, note_metrics  # noqa: E402
-from sound2sheet.processing_sound2sheet import (  # noqa: E402
-    HELD_AFTER,
-    HELD_THRESHOLD,
-    SUSTAIN_THRESHOLD,
-    FrameEvidence,
-    clip_notes,
-    decode_owned_notes,
-    resolve_window_overlap,
-)
+from sound2sheet.processing_sound2sheet import HELD_AFTER, HELD_THRESHOLD, SUSTAIN_THRESHOLD, clip_notes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHOWN = ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1")
@@ -50,16 +42,8 @@ def notes_per_setting(
     processor: Sound2SheetProcessor, model, audio_path: str, settings: Sequence[Tuple[float, float]], bf16=None
 ) -> Dict[Tuple[float, float], List[Note]]:
     """The notes of one recording for each (held threshold, seconds held) setting, as `processor.transcribe` places
-    them (greedy, the library's window overlap), the recording decoded once."""
-    overlap = resolve_window_overlap(None, True, processor.window_seconds)
-    hop = processor.window_hop(overlap)
-    windows = processor.iter_windows(audio_path, None, overlap)
-    decoded = list(processor.generate_windows(windows, model, bf16=bf16, return_frames=True))
-    starts = [index * hop for index in range(len(decoded))]
-    notes = decode_owned_notes(processor.tokenizer, [ids for ids, _ in decoded], starts, processor.window_seconds, overlap)
-    evidence = FrameEvidence(model.config.frame_grid, overlap)
-    for (_, frames), start in zip(decoded, starts):
-        evidence.add(frames, start)
+    them, the recording decoded once (`processor.decode_notes`)."""
+    notes, evidence = processor.decode_notes(audio_path, model, bf16=bf16, refine_notes=True)
     duration = processor.duration(audio_path)
     return {
         (held_threshold, held_after): clip_notes(

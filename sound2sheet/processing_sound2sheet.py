@@ -1075,6 +1075,34 @@ class Sound2SheetProcessor(ProcessorMixin):
             target = self.feature_extractor.sampling_rate
             audio = load_audio(np.asarray(audio), sampling_rate=target, orig_sampling_rate=sampling_rate or target)
             sampling_rate = target
+        notes, evidence = self.decode_notes(
+            audio, model, sampling_rate, batch_size=batch_size, progress=progress, bf16=bf16, refine_notes=refine_notes,
+            encode_ahead=encode_ahead, window_overlap=window_overlap, **generate_kwargs
+        )
+        if evidence is not None:
+            notes = evidence.place(notes)
+        notes = clip_notes(notes, self.duration(audio))
+        if midi_path is not None:
+            write_midi(notes, midi_path)
+        return notes
+
+    def decode_notes(
+        self,
+        audio: AudioInput,
+        model,
+        sampling_rate: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        progress: bool = False,
+        bf16: Union[bool, str, None] = None,
+        refine_notes: Optional[bool] = None,
+        encode_ahead: Optional[bool] = None,
+        window_overlap: Optional[float] = None,
+        **generate_kwargs: Any,
+    ) -> Tuple[List[Note], Optional[FrameEvidence]]:
+        """The first half of `transcribe` (same arguments): the notes its windows decode (each window's own stretch,
+        `decode_owned_notes`), not yet placed on the frame head nor cut at the audio's end, and, when the notes are
+        refined, the frame head's `FrameEvidence` to place them with (`evidence.place(notes, **ending)`, which may be
+        called with several settings), else None."""
         refine = resolve_refine_notes(refine_notes, model)
         overlap = resolve_window_overlap(window_overlap, refine, self.window_seconds)
         hop = self.window_hop(overlap)
@@ -1096,13 +1124,7 @@ class Sound2SheetProcessor(ProcessorMixin):
                 evidence.add(frames, len(token_windows) * hop)
             token_windows.append(output)
         starts = [index * hop for index in range(len(token_windows))]
-        notes = decode_owned_notes(self.tokenizer, token_windows, starts, self.window_seconds, overlap)
-        if refine:
-            notes = evidence.place(notes)
-        notes = clip_notes(notes, self.duration(audio))
-        if midi_path is not None:
-            write_midi(notes, midi_path)
-        return notes
+        return decode_owned_notes(self.tokenizer, token_windows, starts, self.window_seconds, overlap), evidence
 
     def transcribe_pitches(self, audio: AudioInput, model, **kwargs) -> List[int]:
         """The seed API's view: MIDI pitch numbers of the transcribed notes in onset order."""
