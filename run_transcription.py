@@ -5,6 +5,7 @@
     python run_transcription.py train --manifest_dir DATASET --output_dir runs/my-model [...]   (or: train config.json)
     python run_transcription.py evaluate --model_name_or_path runs/my-model --manifest_dir DATASET --split test
     python run_transcription.py average --checkpoints runs/my-model/checkpoint-{2000,2500} --output_dir runs/my-model-average
+    python run_transcription.py fit-offsets --model_name_or_path runs/my-model --manifest_dir DATASET --output_dir runs/my-model-offsets
 
 Each subcommand's options: `python run_transcription.py SUBCOMMAND --help`.
 """
@@ -20,7 +21,7 @@ from typing import List, Optional
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_DIR / "models" / "sound2sheet-piano-small"
-SUBCOMMANDS = ("train", "evaluate", "transcribe", "average")
+SUBCOMMANDS = ("train", "evaluate", "transcribe", "average", "fit-offsets")
 OUTPUT_FORMATS = ("midi", "json", "musicxml", "pdf", "png", "pianoroll")
 FORMAT_SUFFIX = {"midi": ".mid", "json": ".json", "musicxml": ".musicxml", "pdf": ".pdf", "png": ".png", "pianoroll": ".pianoroll.png"}
 
@@ -41,6 +42,9 @@ REFINE_NOTES_HELP = ("Place the decoded notes' onsets and offsets on the model's
                      "hears starting that the decoder missed: true/false (default: when it has one).")
 WINDOW_OVERLAP_HELP = ("Seconds by which consecutive windows overlap, each trusted with the stretch it lies furthest inside; over 0 "
                        "only with refined notes (default: 0.32 with refined notes, else 0).")
+
+REFINE_OFFSETS_HELP = ("Move the placed notes' offsets with the model's offset refiner (fitted by fit-offsets): true/false "
+                       "(default: when it has one and the notes are refined).")
 
 
 @dataclass
@@ -75,6 +79,10 @@ class TranscribeArguments:
     window_overlap: Optional[float] = field(
         default=None,
         metadata={"help": WINDOW_OVERLAP_HELP},
+    )
+    refine_offsets: Optional[bool] = field(
+        default=None,
+        metadata={"help": REFINE_OFFSETS_HELP},
     )
     encode_ahead: Optional[bool] = field(
         default=None,
@@ -152,6 +160,15 @@ def load_transcriber(model_path: str, allow_pickle: bool = False, **config_overr
     except (OSError, ValueError) as err:
         raise UsageError(f"--model {model_path}: cannot load a Sound2Sheet model ({str(err).splitlines()[0]})") from None
     return model, processor
+
+
+def check_refine_offsets(refine_offsets: Optional[bool], refine_notes: Optional[bool], model, model_path: str):
+    """One-line `UsageError`s for `--refine_offsets true` with a model that has no offset refiner or without refined
+    notes."""
+    if refine_offsets and not model.has_offset_refiner:
+        raise UsageError(f"--refine_offsets: model {model_path} has no offset refiner (run_transcription.py fit-offsets fits one)")
+    if refine_offsets and refine_notes is False:
+        raise UsageError("--refine_offsets true needs refined notes: the refiner moves notes placed on the frame head")
 
 
 def check_refine_notes(refine_notes: Optional[bool], window_overlap: Optional[float], model, processor, model_path: str):
@@ -239,6 +256,7 @@ def run_transcribe(argv: List[str]) -> int:
         torch.set_num_threads(args.threads)
     model, processor = load_transcriber(args.model, args.allow_pickle)
     check_refine_notes(args.refine_notes, args.window_overlap, model, processor, args.model)
+    check_refine_offsets(args.refine_offsets, args.refine_notes, model, args.model)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -248,7 +266,7 @@ def run_transcribe(argv: List[str]) -> int:
             notes = processor.transcribe(
                 audio_path, model, batch_size=args.batch_size, bf16=args.bf16, progress=True,
                 refine_notes=args.refine_notes, encode_ahead=args.encode_ahead, window_overlap=args.window_overlap,
-                **generate_kwargs
+                refine_offsets=args.refine_offsets, **generate_kwargs
             )
             written = write_outputs(notes, audio_path, stem, output_dir, formats, args.model, score_options)
         except (ValueError, OSError, RuntimeError) as err:
@@ -661,6 +679,10 @@ class EvaluateArguments:
         default=None,
         metadata={"help": WINDOW_OVERLAP_HELP},
     )
+    refine_offsets: Optional[bool] = field(
+        default=None,
+        metadata={"help": REFINE_OFFSETS_HELP},
+    )
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
     max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces."})
     allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})
@@ -707,6 +729,7 @@ def run_evaluate(argv: List[str]) -> int:
         torch.set_num_threads(args.threads)
     model, processor = load_transcriber(args.model_name_or_path, args.allow_pickle)
     check_refine_notes(args.refine_notes, args.window_overlap, model, processor, args.model_name_or_path)
+    check_refine_offsets(args.refine_offsets, args.refine_notes, model, args.model_name_or_path)
     examples = list(dataset)[: args.max_pieces] if args.max_pieces else list(dataset)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.plots and not output_dir:
@@ -718,6 +741,7 @@ def run_evaluate(argv: List[str]) -> int:
         reference = notes_of_example(example)
         prediction = processor.transcribe(example["audio_path"], model, batch_size=args.batch_size, bf16=args.bf16,
                                           refine_notes=args.refine_notes, window_overlap=args.window_overlap,
+                                          refine_offsets=args.refine_offsets,
                                           **generate_kwargs)
         scores = note_metrics(reference, prediction)
         per_piece.append({"id": example["id"], "audio_path": example["audio_path"], "reference_notes": len(reference),
@@ -781,6 +805,87 @@ def run_average(argv: List[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# fit-offsets
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitOffsetsArguments:
+    """Options of `run_transcription.py fit-offsets --model_name_or_path MODEL --manifest_dir DATASET --output_dir DIR`:
+    the model with an offset refiner fitted on a split's notes (`sound2sheet.offset_refiner.fit_offset_refiner`)."""
+
+    manifest_dir: str = field(metadata={"help": "Dataset folder with <split>/manifest.json (audio and MIDI of the pieces)."})
+    output_dir: str = field(metadata={"help": "Folder for the model with its fitted refiner (and the processor files)."})
+    model_name_or_path: str = field(default=str(DEFAULT_MODEL), metadata={"help": "Sound2Sheet folder or Hub id (with a frame head)."})
+    split: str = field(default="train", metadata={"help": "The split to fit on: train, val/validation or test."})
+    eval_manifest_dir: Optional[str] = field(
+        default=None, metadata={"help": "Also score --eval_split of this dataset without and with the refiner (default: none)."}
+    )
+    eval_split: str = field(default="validation", metadata={"help": "The split of --eval_manifest_dir to score."})
+    hidden_size: int = field(default=64, metadata={"help": "Width of the refiner's two hidden layers."})
+    steps: int = field(default=2000, metadata={"help": "Optimizer steps (batches of 1024 notes)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the refiner's initial weights and batches."})
+    max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces of --split."})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bfloat16 autocast on CPU for the whole model while decoding (default: "
+                                                                  "for the encoder only, exactly when the CPU has AMX or AVX512-BF16)."})
+    threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Accept a model with pickled weights (.bin), loaded with weights_only=True."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace --output_dir if it already holds files."})
+
+
+def run_fit_offsets(argv: List[str]) -> int:
+    import json
+
+    import torch
+
+    from sound2sheet.data import ManifestError, load_manifest_dataset
+    from sound2sheet.offset_refiner import fit_offset_refiner, score_offset_refiner
+    from sound2sheet.training import save_model_atomically
+
+    args = parse_into_dataclasses(build_parser(FitOffsetsArguments, prog="run_transcription.py fit-offsets"), argv)[0]
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
+        raise UsageError(f"--output_dir {output_dir}: already holds files; choose another folder or pass --overwrite_output_dir")
+    if args.hidden_size < 1 or args.steps < 1:
+        raise UsageError(f"--hidden_size and --steps must be positive, got {args.hidden_size} and {args.steps}")
+    datasets = {}
+    for flag, folder, split in (("--manifest_dir", args.manifest_dir, args.split),
+                                ("--eval_manifest_dir", args.eval_manifest_dir, args.eval_split)):
+        if folder is None:
+            continue
+        if not os.path.isdir(folder):
+            raise UsageError(f"{flag} {folder}: no such dataset folder")
+        try:
+            datasets[flag] = list(load_manifest_dataset(folder, split=split))
+        except (ValueError, ManifestError) as err:
+            raise UsageError(str(err)) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load_transcriber(args.model_name_or_path, args.allow_pickle)
+    if not model.has_frame_head:
+        raise UsageError(f"--model_name_or_path {args.model_name_or_path}: the model has no frame head, whose notes the refiner moves")
+    examples = datasets["--manifest_dir"]
+    examples = examples[: args.max_pieces] if args.max_pieces else examples
+    try:
+        summary = fit_offset_refiner(model, processor, examples, hidden_size=args.hidden_size, steps=args.steps,
+                                     seed=args.seed, progress=True, bf16=args.bf16)
+    except ValueError as err:
+        raise UsageError(f"--manifest_dir {args.manifest_dir}: {err}") from None
+    print(f"fitted on {summary['pieces']} pieces, {summary['matched_notes']} of {summary['notes']} notes matched by onset; "
+          f"loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}")
+    if "--eval_manifest_dir" in datasets:
+        scores = score_offset_refiner(model, processor, datasets["--eval_manifest_dir"], progress=True, bf16=args.bf16)
+        summary["eval"] = {"manifest_dir": os.path.abspath(args.eval_manifest_dir), "split": args.eval_split, **scores}
+        for name in ("onset_f1", "onset_offset_f1", "onset_offset_velocity_f1"):
+            print(f"{args.eval_split} {name}: {scores['without'][name]:.4f} without the refiner, {scores['with'][name]:.4f} with it")
+    summary["fitted_on"] = {"manifest_dir": os.path.abspath(args.manifest_dir), "split": args.split}
+    save_model_atomically(model, processor, output_dir,
+                          extra_files={"offset_refiner.json": json.dumps(summary, indent=1) + "\n"})
+    print(f"model with its offset refiner: {output_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -792,7 +897,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    runners = {"transcribe": run_transcribe, "train": run_train, "evaluate": run_evaluate, "average": run_average}
+    runners = {"transcribe": run_transcribe, "train": run_train, "evaluate": run_evaluate, "average": run_average,
+               "fit-offsets": run_fit_offsets}
     try:
         if command not in runners:
             raise UsageError(f"unknown subcommand {command!r}; choose one of {', '.join(SUBCOMMANDS)}")

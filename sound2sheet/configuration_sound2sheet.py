@@ -76,6 +76,10 @@ class Sound2SheetConfig(PretrainedConfig):
             inference a note then ends on a peak of its pitch's offset probability where there is one near the end the
             sounding probabilities give (`end_notes_on_sustain`). A trained model without them gets them from
             `Sound2SheetForConditionalGeneration.add_frame_offsets` (`run_transcription.py train --frame_offsets`).
+        offset_refiner_size (`int`, *optional*, defaults to 0):
+            Width of the hidden layers of a small network that moves each transcribed note's offset
+            (`Sound2SheetOffsetRefiner`, fitted after training by `run_transcription.py fit-offsets`); 0 builds none.
+            It reads features of the notes placed on the frame head, so it needs one (`frame_loss_weight > 0`).
         encoder_memory (`str`, *optional*, defaults to `"patches"`):
             What the decoder cross-attends to. `"patches"`: every AST token (CLS and distillation tokens, then the
             frequency rows x time columns of patches), each projected to `hidden_size`. `"columns"`: one token per time
@@ -142,6 +146,7 @@ class Sound2SheetConfig(PretrainedConfig):
     max_target_positions: int = 1024
     frame_loss_weight: float = 0.0
     frame_offsets: bool = False
+    offset_refiner_size: int = 0
     encoder_memory: str = "patches"
     cross_attention_time_bias: bool = False
     time_token_offset: int = 4
@@ -188,6 +193,10 @@ class Sound2SheetConfig(PretrainedConfig):
             raise ValueError(f"frame_loss_weight must be >= 0, got {self.frame_loss_weight}.")
         if self.frame_offsets and not self.frame_loss_weight > 0:
             raise ValueError("frame_offsets are outputs of the frame head: set frame_loss_weight > 0 to build one.")
+        if self.offset_refiner_size < 0:
+            raise ValueError(f"offset_refiner_size must be >= 0, got {self.offset_refiner_size}.")
+        if self.offset_refiner_size and not self.frame_loss_weight > 0:
+            raise ValueError("offset_refiner_size > 0 needs a frame head (frame_loss_weight > 0): the refiner reads its notes.")
         for name in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"):
             token_id = getattr(self, name)
             if token_id is not None and not 0 <= token_id < self.vocab_size:

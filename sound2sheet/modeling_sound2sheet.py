@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -184,6 +185,37 @@ class Sound2SheetDecoderLayer(nn.Module):
         return hidden_states + self.dropout(feed_forward)
 
 
+# The features the offset refiner reads per note (`sound2sheet.offset_refiner.NUM_OFFSET_FEATURES`; defined here too so
+# that this file loads as remote code with the configuration file alone).
+NUM_OFFSET_FEATURES = 84
+
+
+class Sound2SheetOffsetRefiner(nn.Module):
+    """A small network that moves transcribed notes' offsets: from a note's features (`note_offset_features`:
+    standardised by the mean and spread of the notes it was fitted on, stored with the weights), two GELU layers of
+    `hidden_size` predict the log of the ratio between the note's true length and its placed length
+    (`sound2sheet.offset_refiner`). It starts out predicting 0, which moves no offset."""
+
+    def __init__(self, hidden_size: int, num_features: int = NUM_OFFSET_FEATURES):
+        super().__init__()
+        self.num_features = num_features
+        self.register_buffer("feature_mean", torch.zeros(num_features))
+        self.register_buffer("feature_scale", torch.ones(num_features))
+        self.layers = nn.Sequential(
+            nn.Linear(num_features, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1)
+        )
+
+    def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise features by this mean and spread (a spread under 1e-3 counts as 1e-3)."""
+        with torch.no_grad():
+            self.feature_mean.copy_(mean)
+            self.feature_scale.copy_(std.clamp_min(1e-3))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(notes, num_features) features -> (notes,) log length ratios."""
+        return self.layers((features - self.feature_mean) / self.feature_scale).squeeze(-1)
+
+
 class Sound2SheetPreTrainedModel(PreTrainedModel):
     """Weight initialisation, loading and saving shared by the Sound2Sheet models."""
 
@@ -211,6 +243,11 @@ class Sound2SheetPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, Sound2SheetAttention) and module.time_bias is not None:
             nn.init.zeros_(module.time_bias)  # no bias until trained: a model switched to it decodes as before
+        if isinstance(module, Sound2SheetOffsetRefiner):  # predicts 0 (moves no offset) until fitted
+            nn.init.zeros_(module.layers[-1].weight)
+            nn.init.zeros_(module.layers[-1].bias)
+            module.feature_mean.zero_()
+            module.feature_scale.fill_(1.0)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, **kwargs):
@@ -462,6 +499,8 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         # (`Sound2SheetProcessor.transcribe`).
         column_width = config.hidden_size * (1 if config.encoder_memory == "columns" else config.encoder_grid[0])
         self.frame_head = nn.Linear(column_width, frame_head_outputs(config)) if config.frame_loss_weight > 0 else None
+        # Fitted after training (`run_transcription.py fit-offsets`): moves the offsets of the notes placed on the head.
+        self.offset_refiner = Sound2SheetOffsetRefiner(config.offset_refiner_size) if config.offset_refiner_size else None
         self.post_init()
         generation = self.generation_config
         if generation is not None and generation.max_length in (None, 20) and generation.max_new_tokens is None:
@@ -645,6 +684,48 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         self.frame_head = head
         self.config.frame_offsets = True
 
+    @property
+    def has_offset_refiner(self) -> bool:
+        """Whether the model has a fitted-offset network (`config.offset_refiner_size > 0`), which transcription uses
+        to move the offsets of the notes placed on the frame head."""
+        return self.offset_refiner is not None
+
+    def add_offset_refiner(self, hidden_size: int = 64) -> Sound2SheetOffsetRefiner:
+        """Give the model a new offset refiner of `hidden_size` (replacing any it has), predicting 0 until fitted
+        (`sound2sheet.offset_refiner.fit_refiner_weights`); `config.offset_refiner_size` becomes `hidden_size`, so the
+        model saves and loads with it. Returns the refiner.
+
+        Raises:
+            ValueError: the model has no frame head, or `hidden_size` is under 1.
+        """
+        if self.frame_head is None:
+            raise ValueError("The offset refiner moves notes placed on the frame head; this model has none.")
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size}.")
+        refiner = Sound2SheetOffsetRefiner(hidden_size).to(self.frame_head.weight.device)
+        self._init_weights(refiner.layers[0])
+        self._init_weights(refiner.layers[2])
+        self._init_weights(refiner)
+        self.offset_refiner = refiner
+        self.config.offset_refiner_size = hidden_size
+        return refiner
+
+    def predict_offset_ratios(self, features: np.ndarray) -> np.ndarray:
+        """The refiner's log length ratios (float64, one per row of `features`, in float32 whatever the model's
+        dtype).
+
+        Raises:
+            ValueError: the model has no offset refiner.
+        """
+        if self.offset_refiner is None:
+            raise ValueError("This model has no offset refiner: fit one with `run_transcription.py fit-offsets`.")
+        refiner = self.offset_refiner
+        with torch.no_grad():
+            weights = next(refiner.parameters())
+            values = torch.as_tensor(np.asarray(features, dtype=np.float32), device=weights.device)
+            module = refiner if weights.dtype == torch.float32 else _float32_copy(refiner)
+            return module(values).double().cpu().numpy()
+
     @classmethod
     def from_encoder_pretrained(
         cls, config: Optional[Sound2SheetConfig] = None, encoder_source: Optional[str | os.PathLike] = None, **kwargs
@@ -685,6 +766,12 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         if config.freeze_encoder:
             model.freeze_encoder()
         return model
+
+
+def _float32_copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module).float()
 
 
 def frame_head_outputs(config: Sound2SheetConfig) -> int:

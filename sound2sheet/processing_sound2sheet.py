@@ -27,6 +27,7 @@ from .generation_sound2sheet import (
     with_note_grammar,
 )
 from .notes import Note, pitch_list, sort_notes, write_midi
+from .offset_refiner import refine_offsets as refine_note_offsets
 
 AudioInput = Union[str, os.PathLike, np.ndarray]
 T = TypeVar("T")
@@ -620,6 +621,29 @@ class FrameEvidence:
         )
 
 
+    def sounding_table(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The centres (seconds) of the columns kept from all windows, in time order, and their (columns, 128)
+        sounding probabilities in float32. Call it once all windows are added."""
+        if self._onsets is not None:
+            self._close_last(None, None)
+        if not self.sounding:
+            return np.zeros(0), np.zeros((0, FRAME_PITCHES), dtype=np.float32)
+        first, step, _ = self.frame_grid
+        times = np.concatenate(
+            [
+                start + first + step * (column + np.arange(len(window)))
+                for window, start, column in zip(self.sounding, self.window_starts, self.first_columns)
+            ]
+        )
+        return times, np.concatenate([np.asarray(window, dtype=np.float32) for window in self.sounding])
+
+    def refine_offsets(self, notes: Iterable[Note], predict) -> List[Note]:
+        """`notes` (placed by `place` and cut at the audio's end) with their offsets moved by an offset refiner
+        (`predict`: e.g. `model.predict_offset_ratios`; see `sound2sheet.offset_refiner.refine_offsets`)."""
+        times, sounding = self.sounding_table()
+        return refine_note_offsets(list(notes), times, sounding, predict)
+
+
 def refine_notes_with_frames(
     notes: Iterable[Note],
     frame_probabilities: Sequence[np.ndarray],
@@ -1027,6 +1051,7 @@ class Sound2SheetProcessor(ProcessorMixin):
         refine_notes: Optional[bool] = None,
         encode_ahead: Optional[bool] = None,
         window_overlap: Optional[float] = None,
+        refine_offsets: Optional[bool] = None,
         **generate_kwargs: Any,
     ) -> List[Note]:
         """Transcribe audio of any length into notes (seconds from the start of the audio), in onset order.
@@ -1062,6 +1087,9 @@ class Sound2SheetProcessor(ProcessorMixin):
                 on|off`), and its peak memory is lower (`benchmarks/transcribe_memory.py`). It changes torch's
                 process-wide thread count while it runs: pass False if other threads of the process use torch
                 meanwhile.
+            refine_offsets: move the placed notes' offsets with the model's offset refiner
+                (`Sound2SheetOffsetRefiner`, `sound2sheet.offset_refiner`). None (default): exactly when the notes are
+                refined and the model has one (`model.has_offset_refiner`).
             generate_kwargs: decoding options for `model.generate()` (`num_beams`, `do_sample`, `temperature`, `top_k`,
                 `top_p`, `max_new_tokens`, `logits_processor`, ...); see `strategy_generate_kwargs` for named
                 strategies. Decoding keeps to the tokenizer's note-event grammar (`NoteEventGrammarLogitsProcessor`:
@@ -1069,8 +1097,16 @@ class Sound2SheetProcessor(ProcessorMixin):
                 `grammar=False` to decode unconstrained.
 
         Raises:
-            ValueError: the audio cannot be read or is empty or not finite (the message names the file).
+            ValueError: the audio cannot be read or is empty or not finite (the message names the file);
+                `refine_offsets=True` for a model without an offset refiner or with unrefined notes.
         """
+        with_refiner = bool(getattr(model, "has_offset_refiner", False)) if refine_offsets is None else refine_offsets
+        if with_refiner and not getattr(model, "has_offset_refiner", False):
+            raise ValueError("refine_offsets=True, but the model has no offset refiner (`run_transcription.py fit-offsets` fits one).")
+        if with_refiner and refine_notes is False:
+            if refine_offsets:
+                raise ValueError("refine_offsets=True needs refined notes: the refiner moves notes placed on the frame head.")
+            with_refiner = False
         if not isinstance(audio, (str, os.PathLike)):  # resample and check an array once, up front
             target = self.feature_extractor.sampling_rate
             audio = load_audio(np.asarray(audio), sampling_rate=target, orig_sampling_rate=sampling_rate or target)
@@ -1079,9 +1115,12 @@ class Sound2SheetProcessor(ProcessorMixin):
             audio, model, sampling_rate, batch_size=batch_size, progress=progress, bf16=bf16, refine_notes=refine_notes,
             encode_ahead=encode_ahead, window_overlap=window_overlap, **generate_kwargs
         )
+        duration = self.duration(audio)
         if evidence is not None:
             notes = evidence.place(notes)
-        notes = clip_notes(notes, self.duration(audio))
+            if with_refiner:
+                notes = evidence.refine_offsets(clip_notes(notes, duration), model.predict_offset_ratios)
+        notes = clip_notes(notes, duration)
         if midi_path is not None:
             write_midi(notes, midi_path)
         return notes

@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -213,11 +213,20 @@ def average_checkpoints(
                 raise ValueError(f"Checkpoint {folder}: its {name} (not floating point, so not averaged) differs from {folders[0]}'s.")
     model.load_state_dict({name: (sums[name] / len(folders)).to(tensor.dtype) if name in sums else tensor
                            for name, tensor in state.items()})
+    return save_model_atomically(model, processor, output_dir)
+
+
+def save_model_atomically(model, processor, output_dir: str | os.PathLike, extra_files: Optional[Dict[str, str]] = None) -> Path:
+    """Write `model` and `processor` (and `extra_files`: name -> text) to `output_dir`, whole or not at all: into a
+    `.partial` folder beside it, which then replaces `output_dir` (and whatever it held). Returns `output_dir`."""
+    output_dir = Path(output_dir)
     partial = output_dir.with_name(output_dir.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
     model.save_pretrained(partial)
     processor.save_pretrained(partial)
+    for name, text in (extra_files or {}).items():
+        (partial / name).write_text(text)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     os.replace(partial, output_dir)

@@ -31,21 +31,28 @@ def edit_manifest(path: Path, change):
     path.write_text(json.dumps(entries))
 
 
+def write_split(folder: Path, pieces, rate: int = 22050):
+    """`folder`/{audio,midi}/ and manifest.json for `pieces`: (name, audio samples, notes, pedal intervals, metadata)."""
+    (folder / "audio").mkdir(parents=True)
+    (folder / "midi").mkdir()
+    entries = []
+    for name, samples, notes, pedal, metadata in pieces:
+        soundfile.write(folder / "audio" / f"{name}.flac", samples, rate)
+        write_midi_with_pedal(folder / "midi" / f"{name}.mid", notes, pedal=pedal)
+        entries.append({"id": name, "audio_path": f"audio/{name}.flac", "midi_path": f"midi/{name}.mid",
+                        "duration": len(samples) / rate, "metadata": metadata})
+    (folder / "manifest.json").write_text(json.dumps(entries, indent=1))
+
+
 def make_dataset(root: Path, pieces_per_split=(2, 1, 1), seconds: float = 6.0) -> Path:
     """DATASET/{train,val,test}/ with piano-like FLACs and MIDIs; piece k of a split has a pedal over 1.0-2.0 s."""
     for split, count in zip(("train", "val", "test"), pieces_per_split):
-        folder = root / split
-        (folder / "audio").mkdir(parents=True)
-        (folder / "midi").mkdir()
-        entries = []
-        for k in range(count):
-            name = f"{split}-{k}"
-            soundfile.write(folder / "audio" / f"{name}.flac", piano_like(seconds, 22050, pitches=(48 + k, 60, 67)), 22050)
-            notes = [Note(0.5, 1.2, 60 + k, 90), Note(2.4, 3.0, 64, 70), Note(2.5, 5.5, 48, 60)]
-            write_midi_with_pedal(folder / "midi" / f"{name}.mid", notes, pedal=[(1.0, 2.0)])
-            entries.append({"id": name, "audio_path": f"audio/{name}.flac", "midi_path": f"midi/{name}.mid",
-                            "duration": seconds, "metadata": {"k": k}})
-        (folder / "manifest.json").write_text(json.dumps(entries, indent=1))
+        pieces = [
+            (f"{split}-{k}", piano_like(seconds, 22050, pitches=(48 + k, 60, 67)),
+             [Note(0.5, 1.2, 60 + k, 90), Note(2.4, 3.0, 64, 70), Note(2.5, 5.5, 48, 60)], [(1.0, 2.0)], {"k": k})
+            for k in range(count)
+        ]
+        write_split(root / split, pieces)
     return root
 
 
