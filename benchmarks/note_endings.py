@@ -11,6 +11,7 @@ frame head's probabilities kept) and its decoded notes are placed on the frame h
 are compared on the same windows. The first row is the library without held notes (a held threshold equal to the
 sounding threshold); each other row is a held threshold and a time held. Prints the mean over pieces (as `quality.py`)
 of onset F1, onset+offset F1 and onset+offset+velocity F1, and each row's onset+offset F1 minus the first row's.
+The notes are scored as placed, before a model's offset refiner would move them (`quality.py` scores both).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def notes_per_setting(
     processor: Sound2SheetProcessor, model, audio_path: str, settings: Sequence[Tuple[float, float]], bf16=None
 ) -> Dict[Tuple[float, float], List[Note]]:
     """The notes of one recording for each (held threshold, seconds held) setting, as `processor.transcribe` places
-    them, the recording decoded once (`processor.decode_notes`)."""
+    them before any offset refiner moves them (`refine_offsets=False`), the recording decoded once
+    (`processor.decode_notes`)."""
     notes, evidence = processor.decode_notes(audio_path, model, bf16=bf16, refine_notes=True)
     duration = processor.duration(audio_path)
     return {

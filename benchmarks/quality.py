@@ -10,6 +10,7 @@ The test split is any manifest dataset (`DATASET/test/manifest.json`); the proje
 
 whose test pieces are unseen pieces played with the held-out soundfont (TimGM6mb), with pedal and tempo variation
 (add `--splits test` to render only them).
+A model with an offset refiner (`run_transcription.py fit-offsets`) is also scored without it (`refine_offsets=False`).
 With `--unrefined`, the model is also scored on its decoder's own note times (`refine_notes=False`). `--audio` scores
 the given recordings instead of a split, each against the MIDI file beside it (same name, `.mid`), e.g. the bundled
 example: `--audio examples/example_piano.flac --bf16 off [--num-beams 4]`. `--window-overlap` sets how far the model's
@@ -45,14 +46,18 @@ BF16_CHOICES = {"auto": None, "on": True, "encoder": BF16_ENCODER, "off": False}
 def sound2sheet_systems(model_path: str, batch_size: int, unrefined: bool, window_overlap: float | None = None,
                         **transcribe_kwargs) -> Dict[str, Callable[[str], List[Note]]]:
     """The model as shipped (notes placed on its frame head when it has one, on windows overlapping by
-    `window_overlap` seconds: None, the library's default), and with `unrefined` also as the decoder alone wrote them
-    (`refine_notes=False`, windows end to end); `transcribe_kwargs` (bf16, num_beams) go to every call."""
+    `window_overlap` seconds: None, the library's default; their offsets moved by its offset refiner when it has one,
+    and then also without it), and with `unrefined` also as the decoder alone wrote them (`refine_notes=False`, windows
+    end to end); `transcribe_kwargs` (bf16, num_beams) go to every call."""
     if os.path.sep in model_path and not os.path.isdir(model_path):
         raise SystemExit(f"--model {model_path}: no such model folder (train one: see README.md, 'The model')")
     model = Sound2SheetForConditionalGeneration.from_pretrained(model_path).eval()
     processor = Sound2SheetProcessor.from_pretrained(model_path)
     options = dict(batch_size=batch_size or None, **transcribe_kwargs)
     systems = {"sound2sheet": lambda path: processor.transcribe(path, model, window_overlap=window_overlap, **options)}
+    if model.has_offset_refiner:
+        systems["sound2sheet, no offset refiner"] = lambda path: processor.transcribe(
+            path, model, window_overlap=window_overlap, refine_offsets=False, **options)
     if unrefined:
         if not model.has_frame_head:
             raise SystemExit(f"--unrefined: {model_path} has no frame head, so its notes are the decoder's already")
@@ -162,12 +167,12 @@ def main():
             prediction = transcribe(piece.audio_path)
             cpu[name] += time.process_time() - start
             scores[name].append({"id": piece.id, **note_metrics(piece.reference, prediction)})
-    print(f"{'system':<28}" + "".join(f"{name:>28}" for name in SHOWN) + f"{'CPU s / audio s':>18}")
+    print(f"{'system':<32}" + "".join(f"{name:>26}" for name in SHOWN) + f"{'CPU s / audio s':>18}")
     summary = {}
     for name in systems:
         mean = mean_metrics([{k: v for k, v in piece.items() if k != "id"} for piece in scores[name]])
         summary[name] = {**{k: mean[k] for k in SHOWN}, "cpu_seconds_per_audio_second": cpu[name] / seconds}
-        print(f"{name:<28}" + "".join(f"{mean[k]:>28.3f}" for k in SHOWN) + f"{cpu[name] / seconds:>18.3f}")
+        print(f"{name:<32}" + "".join(f"{mean[k]:>26.3f}" for k in SHOWN) + f"{cpu[name] / seconds:>18.3f}")
     if args.report:
         Path(args.report).write_text(json.dumps({"summary": summary, "per_piece": scores}, indent=1))
 

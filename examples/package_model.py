@@ -25,13 +25,16 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPES = tuple(REPO / "examples" / f"train_piano_small{suffix}.json" for suffix in ("", *(f"_stage{n}" for n in range(2, 15))))
 
 
-def corpus_command(out: str, hours: int, soundfonts: str, programs: str = "", synths: str = "", envelope_spread: int = 0) -> str:
+def corpus_command(out: str, hours: int, soundfonts: str, programs: str = "", synths: str = "", envelope_spread: int = 0,
+                   seed: int = 0, splits: str = "") -> str:
     """The renderer's command for one of the recipe's corpora. The soundfonts are named: the plan spreads train and
     val pieces over those given (by default, every installed one); so are the General MIDI programs, when not only the
-    grand piano, the synthesizers, when not only FluidSynth, and the envelope spread, when not 0."""
-    return (f"python -m sound2sheet.data.synth --out {out} --hours {hours} --exclude-soundfont TimGM6mb --seed 0 "
+    grand piano, the synthesizers, when not only FluidSynth, the envelope spread, when not 0, and the splits rendered,
+    when not all three."""
+    return (f"python -m sound2sheet.data.synth --out {out} --hours {hours} --exclude-soundfont TimGM6mb --seed {seed} "
             f"--soundfonts {soundfonts}" + (f" --programs {programs}" if programs else "")
-            + (f" --synths {synths}" if synths else "") + (f" --envelope-spread {envelope_spread}" if envelope_spread else ""))
+            + (f" --synths {synths}" if synths else "") + (f" --envelope-spread {envelope_spread}" if envelope_spread else "")
+            + (f" --splits {splits}" if splits else ""))
 
 
 CORPUS_COMMAND = corpus_command("data/piano-synth", 3, "FluidR3_GM,MuseScore_General,TimGM6mb")
@@ -44,6 +47,15 @@ CORPUS_V6_COMMAND = corpus_command("data/piano-synth-v6", 24, "FluidR3_GM,MuseSc
                                    "fluidsynth,timidity", 1200)
 CORPUS_V7_COMMAND = corpus_command("data/piano-synth-v7", 24, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank", "0,1,2,3",
                                    "fluidsynth,timidity", 2400)
+# The offset refiner's corpus: the training pieces of another plan (seed 31), rendered as v7's; and the command that fits
+# the refiner on the stage-14 model's notes there.
+REFINER_CORPUS_COMMAND = corpus_command("data/refiner-s31", 12, "FluidR3_GM,MuseScore_General,TimGM6mb,sf_GMbank", "0,1,2,3",
+                                        "fluidsynth,timidity", 2400, seed=31, splits="train")
+FIT_OFFSETS_COMMAND = (
+    "python run_transcription.py fit-offsets --model_name_or_path runs/piano-small-stage14/checkpoint-2000 "
+    "--manifest_dir data/refiner-s31 --output_dir runs/piano-small-offsets --hidden_size 128 --steps 4000 "
+    "--eval_manifest_dir data/piano-synth-v4 --eval_split val"
+)
 # Stages that start from the average of the previous stage's last checkpoints: the folder, and the command writing it.
 AVERAGE_COMMANDS = {
     "runs/piano-small-stage13-average": (
@@ -161,9 +173,14 @@ def main(argv=None):
         f"`{AVERAGE_COMMANDS['runs/piano-small-stage13-average']}`.\n"
         "16. Stage 14, 2000 steps on a fresh schedule from that average, on the same corpus: "
         "`python run_transcription.py train examples/train_piano_small_stage14.json`; the model is its last and best "
-        "checkpoint by validation loss, `checkpoint-2000` (1.478).\n\n"
-        "At inference, the decoded notes are placed on the frame head's onsets and offsets, and the head's sure "
-        "onsets that the decoder missed are added (`refine_notes`, on by default for this model).\n\n"
+        "checkpoint by validation loss, `checkpoint-2000` (1.478).\n"
+        "17. The offset refiner (a network of two 128-wide layers that moves each placed note's offset by a learned "
+        "length ratio, `sound2sheet.offset_refiner`), fitted on the stage-14 model's notes of the training pieces of "
+        f"another plan, rendered as v7's: `{REFINER_CORPUS_COMMAND}`, then `{FIT_OFFSETS_COMMAND}` (the model's other "
+        "weights are left as they are).\n\n"
+        "At inference, the decoded notes are placed on the frame head's onsets and offsets, the head's sure "
+        "onsets that the decoder missed are added (`refine_notes`, on by default for this model), and the offset "
+        "refiner moves the offsets (`refine_offsets`, on by default for a model that has one).\n\n"
         + "".join(f"Stage {number}:\n\n```json\n{text}\n```\n\n" for number, text in enumerate(stages, start=1))
         + args.training_summary
     )

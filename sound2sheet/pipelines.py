@@ -28,12 +28,13 @@ from .feature_extraction_sound2sheet import load_audio
 from .modeling_sound2sheet import Sound2SheetForConditionalGeneration
 from .generation_sound2sheet import with_note_grammar
 from .processing_sound2sheet import (
+    FrameEvidence,
     Sound2SheetProcessor,
     clip_notes,
     decode_owned_notes,
     generate_with_frames,
-    refine_notes_with_frames,
     resolve_refine_notes,
+    resolve_refine_offsets,
     resolve_window_overlap,
 )
 
@@ -49,7 +50,8 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
     the input. Generation options (`num_beams`, `do_sample`, `max_new_tokens`, ... or `generate_kwargs={...}`) are
     passed to `model.generate()`, which keeps to the note-event grammar unless `grammar=False`; `batch_size` batches
     windows. Notes are placed on the model's frame head as in `Sound2SheetProcessor.transcribe` unless
-    `refine_notes=False`, on windows that overlap by `window_overlap` seconds (default as in `transcribe`).
+    `refine_notes=False`, on windows that overlap by `window_overlap` seconds (default as in `transcribe`), and their
+    offsets moved by the model's offset refiner when it has one, unless `refine_offsets=False`.
     """
 
     def __init__(self, model, *args, **kwargs):
@@ -87,8 +89,9 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
         overlap = resolve_window_overlap(
             forward_params.pop("window_overlap", None), refine, self.feature_extractor.window_seconds
         )
+        refine_offsets = resolve_refine_offsets(forward_params.pop("refine_offsets", None), refine, self.model)
         forward_params["refine_notes"] = refine
-        return {"window_overlap": overlap}, forward_params, {"window_overlap": overlap}
+        return {"window_overlap": overlap}, forward_params, {"window_overlap": overlap, "refine_offsets": refine_offsets}
 
     def _load(self, inputs) -> np.ndarray:
         rate = self.feature_extractor.sampling_rate
@@ -139,7 +142,7 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
             outputs["frames"] = frames
         return outputs
 
-    def postprocess(self, model_outputs, window_overlap: float = 0.0, **kwargs) -> dict[str, Any]:
+    def postprocess(self, model_outputs, window_overlap: float = 0.0, refine_offsets: bool = False, **kwargs) -> dict[str, Any]:
         if not self.is_sound2sheet:
             return super().postprocess(model_outputs, **kwargs)
         windows, starts = [], []
@@ -148,11 +151,14 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
             windows.append(tokens[1:])  # drop the decoder start token
             starts.append(float(output["window_start"].reshape(-1)[0]))
         notes = decode_owned_notes(self.tokenizer, windows, starts, self.feature_extractor.window_seconds, window_overlap)
-        if "frames" in model_outputs[0]:
-            frames = [output["frames"].reshape(output["frames"].shape[-2:]).cpu().numpy() for output in model_outputs]
-            grid = self.model.config.frame_grid
-            notes = refine_notes_with_frames(notes, frames, starts, grid, window_overlap=window_overlap)
         seconds = float(model_outputs[0]["audio_seconds"].reshape(-1)[0])
+        if "frames" in model_outputs[0]:  # placed on the frame head as `transcribe` places them
+            evidence = FrameEvidence(self.model.config.frame_grid, window_overlap)
+            for output, start in zip(model_outputs, starts):
+                evidence.add(output["frames"].reshape(output["frames"].shape[-2:]).cpu().numpy(), start)
+            notes = evidence.place(notes)
+            if refine_offsets:
+                notes = evidence.refine_offsets(clip_notes(notes, seconds), self.model.predict_offset_ratios)
         text = " | ".join(self.tokenizer.decode(window, skip_special_tokens=True) for window in windows)
         return {"text": text, "notes": clip_notes(notes, seconds)}
 

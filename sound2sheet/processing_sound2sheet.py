@@ -734,6 +734,23 @@ def resolve_refine_notes(refine_notes: Optional[bool], model) -> bool:
     return has_head if refine_notes is None else bool(refine_notes)
 
 
+def resolve_refine_offsets(refine_offsets: Optional[bool], refine: bool, model) -> bool:
+    """Whether transcription moves the placed notes' offsets with the model's offset refiner: None (default) exactly
+    when the notes are refined (`refine`) and the model has one (`model.has_offset_refiner`).
+
+    Raises:
+        ValueError: `refine_offsets=True` for a model without a refiner, or with unrefined notes.
+    """
+    has = bool(getattr(model, "has_offset_refiner", False))
+    if refine_offsets is None:
+        return has and refine
+    if refine_offsets and not has:
+        raise ValueError("refine_offsets=True, but the model has no offset refiner (`run_transcription.py fit-offsets` fits one).")
+    if refine_offsets and not refine:
+        raise ValueError("refine_offsets=True needs refined notes: the refiner moves notes placed on the frame head.")
+    return bool(refine_offsets)
+
+
 def cpu_autocast(bf16: bool):
     """A new bfloat16 CPU autocast context with `bf16`, else a null context (a context object is entered once: its
     saved state is its own, and two threads may be inside autocast at once)."""
@@ -1100,13 +1117,7 @@ class Sound2SheetProcessor(ProcessorMixin):
             ValueError: the audio cannot be read or is empty or not finite (the message names the file);
                 `refine_offsets=True` for a model without an offset refiner or with unrefined notes.
         """
-        with_refiner = bool(getattr(model, "has_offset_refiner", False)) if refine_offsets is None else refine_offsets
-        if with_refiner and not getattr(model, "has_offset_refiner", False):
-            raise ValueError("refine_offsets=True, but the model has no offset refiner (`run_transcription.py fit-offsets` fits one).")
-        if with_refiner and refine_notes is False:
-            if refine_offsets:
-                raise ValueError("refine_offsets=True needs refined notes: the refiner moves notes placed on the frame head.")
-            with_refiner = False
+        with_refiner = resolve_refine_offsets(refine_offsets, resolve_refine_notes(refine_notes, model), model)
         if not isinstance(audio, (str, os.PathLike)):  # resample and check an array once, up front
             target = self.feature_extractor.sampling_rate
             audio = load_audio(np.asarray(audio), sampling_rate=target, orig_sampling_rate=sampling_rate or target)

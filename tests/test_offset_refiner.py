@@ -179,6 +179,22 @@ def test_transcription_moves_the_placed_offsets_by_the_refiner(frame_model_dir, 
     assert processor.transcribe(str(piece), plain) == placed
 
 
+def test_the_pipeline_moves_the_offsets_as_transcribe_does(frame_model_dir, piece, tmp_path):
+    from transformers import pipeline
+
+    model = with_constant_refiner(frame_model_dir, 0.4)
+    model.save_pretrained(tmp_path)
+    Sound2SheetProcessor.from_pretrained(frame_model_dir).save_pretrained(tmp_path)
+    transcriber = pipeline("automatic-speech-recognition", model=str(tmp_path))
+    processor = Sound2SheetProcessor.from_pretrained(tmp_path)
+    refined = processor.transcribe(str(piece), model)
+    assert transcriber(str(piece))["notes"] == refined
+    placed = transcriber(str(piece), refine_offsets=False)["notes"]
+    assert placed == processor.transcribe(str(piece), model, refine_offsets=False) != refined
+    with pytest.raises(ValueError, match="needs refined notes"):
+        transcriber(str(piece), refine_notes=False, refine_offsets=True)
+
+
 def halved_dataset(root: Path, piece: Path, notes, pieces=(("train", 2), ("val", 1))) -> Path:
     """A manifest dataset whose pieces are `piece` with `notes` at half their length as the reference."""
     halved = [Note(n.onset, round(n.onset + (n.offset - n.onset) / 2, 4), n.pitch, n.velocity) for n in notes]
