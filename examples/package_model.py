@@ -3,8 +3,9 @@
     python examples/package_model.py runs/piano-small-stage10 models/sound2sheet-piano-small \
         --quality quality.json --training-summary "..."
 
-Copies the inference files of RUN (a run's final model, or a checkpoint folder) into DEST (weights as safetensors,
-config, generation config, tokenizer and feature extractor), with the frame head that places the notes, and writes the
+Copies the inference files of RUN (a run's final model, a checkpoint folder, or a folder written by
+`run_transcription.py fit-offsets`) into DEST (weights as safetensors, config, generation config, tokenizer and feature
+extractor), with the frame head that places the notes and any offset refiner, and writes the
 model card `DEST/README.md` (also copied to `model_cards/<name>.md`) with the fourteen-stage recipe
 (examples/train_piano_small.json, then _stage2.json to _stage14.json, stage 14 starting from the average of stage 13's
 last checkpoints, `AVERAGE_COMMANDS`), the data, the parameter count, and the
@@ -80,7 +81,10 @@ TRAINING_DATA = (
     "FluidR3_GM, MuseScore_General and (from v2) Csound's sf_GMbank, in v4 with one of the first four General MIDI "
     "pianos each (acoustic grand, bright, electric grand, honky-tonk); TimGM6mb is kept out of training and plays "
     "every test piece on the acoustic grand, so the results below are on an unseen piano timbre as well as unseen "
-    "pieces."
+    "pieces. The offset refiner was fitted on `data/refiner-s31` (13.7 hours, 870 pieces): the training pieces of a "
+    "plan with another seed (31), rendered as v7's, i.e. 259 procedural pieces that no stage trained on and 611 "
+    "music21 training pieces in other performances, soundfonts and pianos; no validation or test piece, and none of "
+    "the pieces reserved for evaluation."
 )
 
 

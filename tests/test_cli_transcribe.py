@@ -127,7 +127,7 @@ def test_argument_errors_are_one_line_and_exit_2(run_transcription, capsys, tiny
 
 def test_unknown_subcommand(run_transcription, capsys):
     assert run_transcription.main(["transcibe", "x.wav"]) == 2
-    assert capsys.readouterr().err.strip() == "error: unknown subcommand 'transcibe'; choose one of train, evaluate, transcribe, average"
+    assert capsys.readouterr().err.strip() == "error: unknown subcommand 'transcibe'; choose one of train, evaluate, transcribe, average, fit-offsets"
 
 
 @pytest.mark.slow
