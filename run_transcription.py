@@ -822,8 +822,8 @@ class FitOffsetsArguments:
         default=None, metadata={"help": "Also score --eval_split of this dataset without and with the refiner (default: none)."}
     )
     eval_split: str = field(default="validation", metadata={"help": "The split of --eval_manifest_dir to score."})
-    hidden_size: int = field(default=64, metadata={"help": "Width of the refiner's two hidden layers."})
-    steps: int = field(default=2000, metadata={"help": "Optimizer steps (batches of 1024 notes)."})
+    hidden_size: int = field(default=128, metadata={"help": "Width of the refiner's two hidden layers."})
+    steps: int = field(default=4000, metadata={"help": "Optimizer steps (batches of 1024 notes)."})
     seed: int = field(default=0, metadata={"help": "Seed of the refiner's initial weights and batches."})
     max_pieces: Optional[int] = field(default=None, metadata={"help": "Only the first N pieces of --split."})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bfloat16 autocast on CPU for the whole model while decoding (default: "

@@ -52,6 +52,7 @@ CAPPED_SECONDS = 10.0
 TOGETHER_SECONDS = (0.06, 0.15)
 ONSETS_NEAR_SECONDS = 0.1
 MIN_LENGTH = 0.01  # seconds: the shortest length whose log the features and targets take
+MAX_LOG_RATIO = 10.0  # a predicted log ratio is clipped to this either way before it is exponentiated
 
 
 def next_onsets(notes: Sequence[Note]) -> List[float]:
@@ -164,12 +165,19 @@ def offset_targets(notes: Sequence[Note], reference: Sequence[Note]) -> np.ndarr
 
 
 def apply_offset_ratios(notes: Sequence[Note], log_ratios: Sequence[float], decimals: int = 3) -> List[Note]:
-    """`notes` with each length multiplied by exp(its log ratio): the offset rounded to `decimals`, never past the
-    next onset of the note's pitch and at least 10 ms after its onset."""
+    """`notes` with each length multiplied by exp(its log ratio, within +-`MAX_LOG_RATIO`): the offset rounded to
+    `decimals`, never past the next onset of the note's pitch and at least 10 ms after its onset.
+
+    Raises:
+        ValueError: a ratio is not finite (the message names the note).
+    """
     restarts = next_onsets(notes)
     moved = []
     for note, ratio, restart in zip(notes, log_ratios, restarts):
-        offset = note.onset + (note.offset - note.onset) * math.exp(float(ratio))
+        if not math.isfinite(float(ratio)):
+            raise ValueError(f"The offset refiner predicted a non-finite length ratio ({ratio}) for {note}.")
+        ratio = min(max(float(ratio), -MAX_LOG_RATIO), MAX_LOG_RATIO)
+        offset = note.onset + (note.offset - note.onset) * math.exp(ratio)
         offset = max(round(min(offset, restart), decimals), note.onset + MIN_LENGTH)
         moved.append(Note(note.onset, round(offset, 6), note.pitch, note.velocity))
     return moved
@@ -190,7 +198,7 @@ def fit_refiner_weights(
     refiner,
     features: np.ndarray,
     targets: np.ndarray,
-    steps: int = 2000,
+    steps: int = 4000,
     batch_size: int = 1024,
     learning_rate: float = 3e-3,
     weight_decay: float = 1e-4,
@@ -284,8 +292,8 @@ def fit_offset_refiner(
     model,
     processor,
     examples: Sequence[dict],
-    hidden_size: int = 64,
-    steps: int = 2000,
+    hidden_size: int = 128,
+    steps: int = 4000,
     seed: int = 0,
     progress: bool = False,
     **transcribe_kwargs,
@@ -333,6 +341,7 @@ def score_offset_refiner(model, processor, examples: Sequence[dict], progress: b
 
     from .data import notes_of_example
     from .metrics import mean_metrics, note_metrics
+    from .processing_sound2sheet import clip_notes
 
     if not getattr(model, "has_offset_refiner", False):
         raise ValueError("This model has no offset refiner to score.")
@@ -345,8 +354,6 @@ def score_offset_refiner(model, processor, examples: Sequence[dict], progress: b
             reference = notes_of_example(example)
             moved = apply_offset_ratios(notes, model.predict_offset_ratios(features)) if notes else []
             duration = processor.duration(example["audio_path"])
-            from .processing_sound2sheet import clip_notes
-
             without.append(note_metrics(reference, notes))
             with_refiner.append(note_metrics(reference, clip_notes(moved, duration)))
     return {"without": mean_metrics(without), "with": mean_metrics(with_refiner)}

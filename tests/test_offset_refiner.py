@@ -251,3 +251,22 @@ def test_transcribe_and_evaluate_commands_refuse_a_refiner_the_model_lacks(run_t
     assert run_transcription.main(argv) == 2
     assert "has no offset refiner" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_ratios_that_are_not_finite_are_refused_and_huge_ones_are_bounded():
+    notes = [Note(1.0, 2.0, 60, 80), Note(3.0, 3.5, 60, 80)]
+    with pytest.raises(ValueError, match=r"non-finite length ratio \(nan\) for Note\(onset=1.0"):
+        apply_offset_ratios(notes, [float("nan"), 0.0])
+    moved = apply_offset_ratios(notes, [1e6, -1e6])
+    assert moved == [Note(1.0, 3.0, 60, 80), Note(3.0, 3.01, 60, 80)]
+
+
+def test_fit_offsets_names_a_corrupt_recording_and_writes_nothing(run_transcription, frame_model_dir, piece, tmp_path, capsys):
+    dataset = halved_dataset(tmp_path / "data", piece, [Note(0.5, 1.0, 60, 80)], pieces=(("train", 2),))
+    (dataset / "train" / "audio" / "train-1.flac").write_bytes(b"not audio at all")
+    out = tmp_path / "fitted"
+    argv = ["fit-offsets", "--model_name_or_path", str(frame_model_dir), "--manifest_dir", str(dataset), "--output_dir", str(out)]
+    assert run_transcription.main(argv) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: --manifest_dir") and "train-1.flac" in error and "Format not recognised" in error
+    assert not out.exists() and not out.with_name("fitted.partial").exists()
