@@ -686,11 +686,11 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
 
     @property
     def has_offset_refiner(self) -> bool:
-        """Whether the model has a fitted-offset network (`config.offset_refiner_size > 0`), which transcription uses
-        to move the offsets of the notes placed on the frame head."""
+        """Whether the model has an offset refiner (`config.offset_refiner_size > 0`), which transcription uses to move
+        the offsets of the notes placed on the frame head."""
         return self.offset_refiner is not None
 
-    def add_offset_refiner(self, hidden_size: int = 64) -> Sound2SheetOffsetRefiner:
+    def add_offset_refiner(self, hidden_size: int = 128) -> Sound2SheetOffsetRefiner:
         """Give the model a new offset refiner of `hidden_size` (replacing any it has), predicting 0 until fitted
         (`sound2sheet.offset_refiner.fit_refiner_weights`); `config.offset_refiner_size` becomes `hidden_size`, so the
         model saves and loads with it. Returns the refiner.
@@ -711,8 +711,8 @@ class Sound2SheetForConditionalGeneration(Sound2SheetPreTrainedModel, Generation
         return refiner
 
     def predict_offset_ratios(self, features: np.ndarray) -> np.ndarray:
-        """The refiner's log length ratios (float64, one per row of `features`, in float32 whatever the model's
-        dtype).
+        """The offset refiner's log length ratios for (notes, `NUM_OFFSET_FEATURES`) `features`
+        (`note_offset_features`): one per row, computed in float32 whatever the model's dtype, returned as float64.
 
         Raises:
             ValueError: the model has no offset refiner.

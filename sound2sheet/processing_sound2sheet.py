@@ -620,7 +620,6 @@ class FrameEvidence:
             **ending,
         )
 
-
     def sounding_table(self) -> Tuple[np.ndarray, np.ndarray]:
         """The centres (seconds) of the columns kept from all windows, in time order, and their (columns, 128)
         sounding probabilities in float32. Call it once all windows are added."""
