@@ -16,15 +16,12 @@ the model (`run_transcription.py fit-offsets`).
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .notes import Note
-
-logger = logging.getLogger(__name__)
 
 # Columns (40 ms apart with the shipped model) around the one at or after a note's placed end, at which the features
 # read its pitch's sounding probability and those of the pitches an octave above and below; and, every second column
