@@ -261,12 +261,10 @@ def _train(refiner, x, y, steps, batch_size, learning_rate, weight_decay, genera
 def decode_and_place(processor, model, audio_path: str, **transcribe_kwargs) -> Tuple[List[Note], Optional[object]]:
     """The notes `processor.transcribe` gives before the refiner (placed on the frame head, cut at the audio's end)
     and the piece's `FrameEvidence`."""
-    from .processing_sound2sheet import clip_notes
-
     notes, evidence = processor.decode_notes(audio_path, model, **transcribe_kwargs)
     if evidence is None:
         raise ValueError("The offset refiner works on notes placed on a frame head; this model has none.")
-    return clip_notes(evidence.place(notes), processor.duration(audio_path)), evidence
+    return evidence.placed(notes, processor.duration(audio_path)), evidence
 
 
 def placed_pieces(processor, model, examples: Sequence[dict], progress: bool = False, desc: str = "decoding", **transcribe_kwargs):

@@ -156,11 +156,11 @@ class Sound2SheetPipeline(AutomaticSpeechRecognitionPipeline):
             evidence = FrameEvidence(self.model.config.frame_grid, window_overlap)
             for output, start in zip(model_outputs, starts):
                 evidence.add(output["frames"].reshape(output["frames"].shape[-2:]).cpu().numpy(), start)
-            notes = evidence.place(notes)
-            if refine_offsets:
-                notes = evidence.refine_offsets(clip_notes(notes, seconds), self.model.predict_offset_ratios)
+            notes = evidence.placed(notes, seconds, self.model.predict_offset_ratios if refine_offsets else None)
+        else:
+            notes = clip_notes(notes, seconds)
         text = " | ".join(self.tokenizer.decode(window, skip_special_tokens=True) for window in windows)
-        return {"text": text, "notes": clip_notes(notes, seconds)}
+        return {"text": text, "notes": notes}
 
 
 def register_pipeline():

@@ -303,6 +303,23 @@ def add_missed_onsets(
     return sort_notes([*placed, *added])
 
 
+def column_times(
+    windows: Sequence[np.ndarray],
+    window_starts: Sequence[float],
+    first_columns: Sequence[int],
+    frame_grid: Tuple[float, float, int],
+) -> np.ndarray:
+    """The centres, in seconds, of the rows of all `windows` together: window i's rows are its consecutive columns
+    from `first_columns[i]` on, its first column centred `frame_grid[0]` seconds after `window_starts[i]`."""
+    first, step, _ = frame_grid
+    return np.concatenate(
+        [
+            float(start) + first + step * (column + np.arange(len(window)))
+            for window, start, column in zip(windows, window_starts, first_columns)
+        ]
+    )
+
+
 def end_notes_on_sustain(
     notes: Iterable[Note],
     sounding: Sequence[np.ndarray],
@@ -369,12 +386,7 @@ def end_notes_on_sustain(
     if not notes:
         return []
     first_columns = [0] * len(window_starts) if first_columns is None else first_columns
-    times = np.concatenate(
-        [
-            float(start) + first + step * (column + np.arange(len(window)))
-            for window, start, column in zip(sounding, window_starts, first_columns)
-        ]
-    )
+    times = column_times(sounding, window_starts, first_columns, frame_grid)
     probabilities = np.concatenate([np.asarray(window) for window in sounding])
     peaks = None if offsets is None else _offset_peaks(offsets, times, step, offset_threshold)
     restarts: Dict[int, list] = {}
@@ -627,13 +639,7 @@ class FrameEvidence:
             self._close_last(None, None)
         if not self.sounding:
             return np.zeros(0), np.zeros((0, FRAME_PITCHES), dtype=np.float32)
-        first, step, _ = self.frame_grid
-        times = np.concatenate(
-            [
-                start + first + step * (column + np.arange(len(window)))
-                for window, start, column in zip(self.sounding, self.window_starts, self.first_columns)
-            ]
-        )
+        times = column_times(self.sounding, self.window_starts, self.first_columns, self.frame_grid)
         return times, np.concatenate([np.asarray(window, dtype=np.float32) for window in self.sounding])
 
     def refine_offsets(self, notes: Iterable[Note], predict) -> List[Note]:
@@ -641,6 +647,13 @@ class FrameEvidence:
         (`predict`: e.g. `model.predict_offset_ratios`; see `sound2sheet.offset_refiner.refine_offsets`)."""
         times, sounding = self.sounding_table()
         return refine_note_offsets(list(notes), times, sounding, predict)
+
+    def placed(self, notes: Iterable[Note], duration: float, predict=None) -> List[Note]:
+        """`notes` as transcription gives them: placed (`place`, default settings) and cut at `duration` seconds, and
+        with `predict` (an offset refiner's, e.g. `model.predict_offset_ratios`) their offsets then moved by it
+        (`refine_offsets`) and cut again."""
+        notes = clip_notes(self.place(notes), duration)
+        return notes if predict is None else clip_notes(self.refine_offsets(notes, predict), duration)
 
 
 def refine_notes_with_frames(
@@ -1126,11 +1139,10 @@ class Sound2SheetProcessor(ProcessorMixin):
             encode_ahead=encode_ahead, window_overlap=window_overlap, **generate_kwargs
         )
         duration = self.duration(audio)
-        if evidence is not None:
-            notes = evidence.place(notes)
-            if with_refiner:
-                notes = evidence.refine_offsets(clip_notes(notes, duration), model.predict_offset_ratios)
-        notes = clip_notes(notes, duration)
+        if evidence is None:
+            notes = clip_notes(notes, duration)
+        else:
+            notes = evidence.placed(notes, duration, model.predict_offset_ratios if with_refiner else None)
         if midi_path is not None:
             write_midi(notes, midi_path)
         return notes
