@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,6 +184,41 @@ def test_zero_length_and_non_finite_audio(tmp_path):
 
 def test_all_zero_audio_is_valid_silence():
     assert EXTRACTOR(np.zeros(16000, np.float32), return_tensors="np")["input_values"][0, :100].max() == -1.0
+
+
+@pytest.mark.parametrize("n_fft", [2048, 1024])
+def test_the_stft_window_is_the_periodic_hann_window_rounded_from_float64(n_fft):
+    n = np.arange(n_fft)
+    expected = (0.5 - 0.5 * np.cos(2 * np.pi * n / n_fft)).astype(np.float32)
+    window = Sound2SheetFeatureExtractor(n_fft=n_fft).stft_window
+    assert window.dtype == torch.float32 and np.array_equal(window.numpy(), expected)
+
+
+FEATURES_IN_A_FRESH_PROCESS = """
+import hashlib, sys
+sys.path.insert(0, sys.argv[1])
+from sound2sheet.feature_extraction_sound2sheet import Sound2SheetFeatureExtractor
+from tests.conftest import piano_like
+features = Sound2SheetFeatureExtractor()(piano_like(2.56, 16000), return_tensors="np")["input_values"]
+print(hashlib.sha1(features.tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_every_process_computes_the_same_features():
+    """Bit for bit, so that a training run resumed in a new process goes on exactly as the first one would have
+    (with torch.hann_window, about one fresh process in eight computed a different window)."""
+    root = str(Path(__file__).resolve().parents[1])
+    digests = []
+    for _ in range(4):  # two at a time, on two cores
+        pair = [subprocess.Popen([sys.executable, "-c", FEATURES_IN_A_FRESH_PROCESS, root], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for process in pair:
+            out, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err
+            digests.append(out.strip())
+    in_this_process = EXTRACTOR(piano_like(2.56, 16000), return_tensors="np")["input_values"]
+    assert set(digests) == {hashlib.sha1(in_this_process.tobytes()).hexdigest()}
 
 
 def test_wrong_sampling_rate_is_rejected_like_transformers_extractors():
