@@ -269,7 +269,7 @@ def decode_and_place(processor, model, audio_path: str, **transcribe_kwargs) -> 
 
 def placed_pieces(processor, model, examples: Sequence[dict], progress: bool = False, desc: str = "decoding", **transcribe_kwargs):
     """For each manifest example (`load_manifest_dataset`), decode and place its notes as `processor.transcribe` does
-    before the refiner; yields (example, notes, their features, their targets against the example's notes)."""
+    before the refiner; yields (example, its reference notes, the placed notes, their features)."""
     from .data import notes_of_example
 
     iterator = examples
@@ -280,7 +280,7 @@ def placed_pieces(processor, model, examples: Sequence[dict], progress: bool = F
     for example in iterator:
         notes, evidence = decode_and_place(processor, model, example["audio_path"], **transcribe_kwargs)
         times, sounding = evidence.sounding_table()
-        yield example, notes, note_offset_features(notes, times, sounding), offset_targets(notes, notes_of_example(example))
+        yield example, notes_of_example(example), notes, note_offset_features(notes, times, sounding)
 
 
 def fit_offset_refiner(
@@ -311,11 +311,11 @@ def fit_offset_refiner(
     transcribe_kwargs = {**transcribe_kwargs, "refine_notes": True}
     features, targets, notes_total = [], [], 0
     with torch.inference_mode():
-        for _, notes, piece_features, piece_targets in placed_pieces(
+        for _, reference, notes, piece_features in placed_pieces(
             processor, model, examples, progress=progress, desc="decoding pieces", **transcribe_kwargs
         ):
             features.append(piece_features)
-            targets.append(piece_targets)
+            targets.append(offset_targets(notes, reference))
             notes_total += len(notes)
     features, targets = np.concatenate(features), np.concatenate(targets)
     torch.manual_seed(seed)
@@ -334,7 +334,6 @@ def score_offset_refiner(model, processor, examples: Sequence[dict], progress: b
     """
     import torch
 
-    from .data import notes_of_example
     from .metrics import mean_metrics, note_metrics
     from .processing_sound2sheet import clip_notes
 
@@ -343,10 +342,9 @@ def score_offset_refiner(model, processor, examples: Sequence[dict], progress: b
     transcribe_kwargs = {**transcribe_kwargs, "refine_notes": True}
     without, with_refiner = [], []
     with torch.inference_mode():
-        for example, notes, features, _ in placed_pieces(
+        for example, reference, notes, features in placed_pieces(
             processor, model, examples, progress=progress, desc="scoring pieces", **transcribe_kwargs
         ):
-            reference = notes_of_example(example)
             moved = apply_offset_ratios(notes, model.predict_offset_ratios(features)) if notes else []
             duration = processor.duration(example["audio_path"])
             without.append(note_metrics(reference, notes))
