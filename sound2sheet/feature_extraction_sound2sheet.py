@@ -32,6 +32,13 @@ READ_BLOCK_SECONDS = 5.0  # how much of a file `iter_audio_windows` holds at a t
 
 AudioSource = Union[str, os.PathLike, np.ndarray]
 
+# In a fresh process, torch's first vectorised math call (log10, cos, erf and tanh were seen) sometimes comes out less
+# accurate when two threads make it at once: about one process in ten on a 2-core CPU with torch 2.13, the log10 of the
+# features included. Once one call has run on a single thread, later ones are exact. One element is far below the size
+# at which torch splits work across threads, so this call runs on this thread alone, and the features, and the
+# training runs fed with them, come out bit-identical in every process (benchmarks/process_determinism.py).
+torch.log10(torch.ones(1))
+
 
 # --- reading audio -------------------------------------------------------------------------------------------------
 
@@ -236,9 +243,8 @@ class Sound2SheetFeatureExtractor(SequenceFeatureExtractor):
                 mel_scale="htk",
             ).astype(np.float32)
         )  # (frequency bins, mel bands)
-        # The periodic Hann window, computed in float64 by numpy. torch.hann_window is not used: in a fresh process its
-        # first cosine on two threads sometimes comes out less accurate (seen with torch 2.13: about one process in
-        # eight, up to 7.5e-5 off), which made features, and so training runs, differ from one process to the next.
+        # The periodic Hann window, computed in float64 by numpy and rounded once. (torch.hann_window, as the first
+        # cosine of a process, was up to 7.5e-5 off in some processes: see the note above on the first math call.)
         self.stft_window = torch.from_numpy(window_function(n_fft, "hann", periodic=True).astype(np.float32))
 
     @property
