@@ -206,8 +206,9 @@ print(hashlib.sha1(features.tobytes()).hexdigest())
 
 @pytest.mark.slow
 def test_every_process_computes_the_same_features():
-    """Bit for bit, so that a training run resumed in a new process goes on exactly as the first one would have
-    (with torch.hann_window, about one fresh process in eight computed a different window)."""
+    """Bit for bit, so that a training run resumed in a new process goes on exactly as the first one would have.
+    (A fresh process's first vectorised torch math call on two threads, torch.hann_window's cosine or the features'
+    log10, used to come out off in about one process in ten.)"""
     root = str(Path(__file__).resolve().parents[1])
     digests = []
     for _ in range(4):  # two at a time, on two cores
