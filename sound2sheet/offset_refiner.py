@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Sequence
 
 import numpy as np
 
@@ -258,18 +258,14 @@ def _train(refiner, x, y, steps, batch_size, learning_rate, weight_decay, genera
     return losses
 
 
-def decode_and_place(processor, model, audio_path: str, **transcribe_kwargs) -> Tuple[List[Note], Optional[object]]:
-    """The notes `processor.transcribe` gives before the refiner (placed on the frame head, cut at the audio's end)
-    and the piece's `FrameEvidence`."""
-    notes, evidence = processor.decode_notes(audio_path, model, **transcribe_kwargs)
-    if evidence is None:
-        raise ValueError("The offset refiner works on notes placed on a frame head; this model has none.")
-    return evidence.placed(notes, processor.duration(audio_path)), evidence
+def decoded_pieces(processor, model, examples: Sequence[dict], progress: bool = False, desc: str = "decoding", **transcribe_kwargs):
+    """For each manifest example (`load_manifest_dataset`), decode it as `processor.transcribe` does; yields (example,
+    its reference notes, the decoded notes, their `FrameEvidence`, the audio's duration in seconds). The evidence's
+    `placed(notes, duration[, predict])` gives the notes that transcription returns without (with) the refiner.
 
-
-def placed_pieces(processor, model, examples: Sequence[dict], progress: bool = False, desc: str = "decoding", **transcribe_kwargs):
-    """For each manifest example (`load_manifest_dataset`), decode and place its notes as `processor.transcribe` does
-    before the refiner; yields (example, its reference notes, the placed notes, their features)."""
+    Raises:
+        ValueError: the model has no frame head to place the notes on.
+    """
     from .data import notes_of_example
 
     iterator = examples
@@ -278,9 +274,10 @@ def placed_pieces(processor, model, examples: Sequence[dict], progress: bool = F
 
         iterator = tqdm(examples, desc=desc, unit="piece")
     for example in iterator:
-        notes, evidence = decode_and_place(processor, model, example["audio_path"], **transcribe_kwargs)
-        times, sounding = evidence.sounding_table()
-        yield example, notes_of_example(example), notes, note_offset_features(notes, times, sounding)
+        notes, evidence = processor.decode_notes(example["audio_path"], model, **transcribe_kwargs)
+        if evidence is None:
+            raise ValueError("The offset refiner works on notes placed on a frame head; this model has none.")
+        yield example, notes_of_example(example), notes, evidence, processor.duration(example["audio_path"])
 
 
 def fit_offset_refiner(
@@ -311,10 +308,11 @@ def fit_offset_refiner(
     transcribe_kwargs = {**transcribe_kwargs, "refine_notes": True}
     features, targets, notes_total = [], [], 0
     with torch.inference_mode():
-        for _, reference, notes, piece_features in placed_pieces(
+        for _, reference, decoded, evidence, duration in decoded_pieces(
             processor, model, examples, progress=progress, desc="decoding pieces", **transcribe_kwargs
         ):
-            features.append(piece_features)
+            notes = evidence.placed(decoded, duration)
+            features.append(note_offset_features(notes, *evidence.sounding_table()))
             targets.append(offset_targets(notes, reference))
             notes_total += len(notes)
     features, targets = np.concatenate(features), np.concatenate(targets)
@@ -335,18 +333,15 @@ def score_offset_refiner(model, processor, examples: Sequence[dict], progress: b
     import torch
 
     from .metrics import mean_metrics, note_metrics
-    from .processing_sound2sheet import clip_notes
 
     if not getattr(model, "has_offset_refiner", False):
         raise ValueError("This model has no offset refiner to score.")
     transcribe_kwargs = {**transcribe_kwargs, "refine_notes": True}
     without, with_refiner = [], []
     with torch.inference_mode():
-        for example, reference, notes, features in placed_pieces(
+        for _, reference, decoded, evidence, duration in decoded_pieces(
             processor, model, examples, progress=progress, desc="scoring pieces", **transcribe_kwargs
         ):
-            moved = apply_offset_ratios(notes, model.predict_offset_ratios(features)) if notes else []
-            duration = processor.duration(example["audio_path"])
-            without.append(note_metrics(reference, notes))
-            with_refiner.append(note_metrics(reference, clip_notes(moved, duration)))
+            without.append(note_metrics(reference, evidence.placed(decoded, duration)))
+            with_refiner.append(note_metrics(reference, evidence.placed(decoded, duration, model.predict_offset_ratios)))
     return {"without": mean_metrics(without), "with": mean_metrics(with_refiner)}
