@@ -22,9 +22,10 @@ MODEL = REPO_ROOT / "models" / "sound2sheet-piano-small"
 EXAMPLE = REPO_ROOT / "examples" / "example_piano.flac"
 # F1 of the shipped model on the bundled example against its MIDI (stage 14 with its offset refiner; greedy, fp32, notes
 # placed on the frame head; `benchmarks/quality.py --audio examples/example_piano.flac --bf16 off --unrefined`): onset
-# 0.939, onset+offset 0.852 (0.783 without the offset refiner; stage 12: 0.922 and 0.765; stage 11: 0.931 and 0.741; stage 10: 0.922 and 0.748 with overlapping windows and
-# the revised settings for placing the notes, 0.825 and 0.667 before them; stage 9: 0.846 and 0.683); with the
-# decoder's own times 0.768 and 0.560. The example has 62 notes: one note is 0.016.
+# 0.939, onset+offset 0.852 (0.783 without the offset refiner; stage 12: 0.922 and 0.765; stage 11: 0.931 and 0.741;
+# stage 10: 0.922 and 0.748 with overlapping windows and the revised settings for placing the notes, 0.825 and 0.667
+# before them; stage 9: 0.846 and 0.683); with the decoder's own times 0.768 and 0.560. The example has 62 notes: one
+# note is 0.016.
 ONSET_F1_FLOOR = 0.85
 ONSET_OFFSET_F1_FLOOR = 0.75
 
